@@ -1,0 +1,1 @@
+"""Built-in editor plugins, installed as ``knowbench.editors``."""

@@ -1,0 +1,1 @@
+"""The embedded synthetic fact world and the small model that knows it."""

@@ -1,0 +1,1 @@
+"""Built-in task plugins (the six KnowEdit tasks), installed as ``knowbench.tasks``."""
