@@ -1,20 +1,55 @@
-"""What a run uses when the user names no model or data."""
+"""What a run uses when the user names no model or data: the embedded world and its model."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .models import LoadedModel
     from .task import Task
 
+EMBEDDED_MODEL = "embedded"
 KNOWEDIT_HELP = (
     "Download KnowEdit (https://huggingface.co/datasets/zjunlp/KnowEdit) and pass a task file or "
     "the folder holding it with --data."
 )
 
 
+def _world():
+    try:
+        from . import world
+
+        return world if hasattr(world, "default_task_file") else None
+    except ImportError:
+        return None
+
+
 def default_data(task: "Task") -> Path:
     from .task import DataNotFound
 
-    raise DataNotFound(f"task {task.name}: no --data given and no embedded data yet. {KNOWEDIT_HELP}")
+    world = _world()
+    if world is None:
+        raise DataNotFound(f"task {task.name}: no --data given and no embedded data installed. {KNOWEDIT_HELP}")
+    return world.default_task_file(task.name)
+
+
+def default_model() -> str:
+    from .models import BUILTIN_MODELS
+
+    if EMBEDDED_MODEL not in BUILTIN_MODELS:
+        raise RuntimeError(
+            "no --model given and the embedded model is not installed; pass --model with a Hugging "
+            "Face id or local folder (or random-gpt2 for a smoke test)"
+        )
+    return EMBEDDED_MODEL
+
+
+def editor_extras(model_name: str, lm: "LoadedModel") -> dict[str, Any]:
+    """Run-wide inputs for editors: the text corpus their key statistics are computed on."""
+    extras: dict[str, Any] = {}
+    world = _world()
+    if model_name == EMBEDDED_MODEL and world is not None and hasattr(world, "corpus"):
+        extras["corpus"] = world.corpus
+        extras["corpus_name"] = "knowbench-world"
+    return extras

@@ -1,0 +1,128 @@
+"""FT-L and FT-M: constrained fine-tuning of one MLP weight (DESIGN section 6).
+
+Only W, the rewrite module's weight at ``layer`` (the MLP output projection), is trained; every
+other parameter is frozen. With prompt tokens x and target tokens y = (y_1..y_m):
+
+    FT-M   L(W) = −(1/m) Σ_j log p_W(y_j | x, y_<j)         cross-entropy on the target, prompt masked
+    FT-L   L(W) = −(1/m) Σ_j log p_W(y_j | x)               every target token scored at the last
+                                                             prompt position (the reference's FT-L)
+
+W ← W − Adam(∇L), ``num_steps`` steps at ``lr``, early stop below ``stop_loss``. With
+``norm_constraint`` > 0, W is clamped element-wise to W₀ ± norm_constraint after each step.
+Defaults follow the reference for Llama-2 (layer 21 of 32, 25 steps, lr 5e-4); other models use
+the same layer fraction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from knowbench.editor import EditContext, EditOutcome, EditRequest, WeightEditor
+
+
+@dataclass
+class FTHparams:
+    layer: int = -1  # -1: the reference's layer fraction (21/32) of this model's depth
+    num_steps: int = 25
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    norm_constraint: float = 0.0  # 0 disables the clamp
+    stop_loss: float = 1e-2
+
+
+def _default_layer(n_layers: int) -> int:
+    return min(n_layers - 1, int(n_layers * 21 / 32))
+
+
+class _FineTune(WeightEditor):
+    hparams_cls = FTHparams
+    supports_batch = True
+    last_position_only = False
+
+    def __init__(self, model: Any, tokenizer: Any, hparams: FTHparams, context: EditContext):
+        super().__init__(model, tokenizer, hparams, context)
+        self.layer = hparams.layer if hparams.layer >= 0 else _default_layer(self.adapter.n_layers)
+        self.param_name = self.adapter.rewrite_param_name(self.layer)
+
+    def _batch(self, requests: list[EditRequest]):
+        """Token ids of prompt + target, with labels only where the loss reads them."""
+        from knowbench.scoring import target_spans
+
+        spans = target_spans(self.tok, [(r.prompt, r.target_new) for r in requests])
+        width = max(len(ids) for ids, _ in spans)
+        pad = self.tok.pad_token_id
+        input_ids = torch.full((len(spans), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        labels = torch.full_like(input_ids, -100)
+        for row, (ids, start) in enumerate(spans):
+            # right padding keeps positions 0..n-1 without explicit position ids
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+            labels[row, start : len(ids)] = torch.tensor(ids[start:])
+        return input_ids, mask, labels, spans
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, spans) -> torch.Tensor:
+        logp = F.log_softmax(logits.float(), dim=-1)
+        if not self.last_position_only:
+            # position t predicts token t+1
+            lp = logp[:, :-1]
+            tgt = labels[:, 1:]
+            keep = tgt != -100
+            gathered = lp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            per_row = (gathered * keep).sum(1) / keep.sum(1)
+            return -per_row.mean()
+        losses = []
+        for row, (ids, start) in enumerate(spans):
+            target = torch.tensor(ids[start:])
+            losses.append(-logp[row, start - 1, target].mean())
+        return torch.stack(losses).mean()
+
+    def apply(self, requests: list[EditRequest]) -> EditOutcome:
+        hp: FTHparams = self.hparams
+        weight = self.param(self.param_name)
+        original = self._saved[self.param_name]
+        input_ids, mask, labels, spans = self._batch(requests)
+        input_ids, mask, labels = (t.to(weight.device) for t in (input_ids, mask, labels))
+
+        frozen = [p for p in self.model.parameters() if p.requires_grad and p is not weight]
+        for p in frozen:
+            p.requires_grad_(False)
+        weight.requires_grad_(True)
+        opt = torch.optim.Adam([weight], lr=hp.lr, weight_decay=hp.weight_decay)
+        losses: list[float] = []
+        try:
+            with torch.enable_grad():
+                for _ in range(hp.num_steps):
+                    opt.zero_grad(set_to_none=True)
+                    logits = self.model(input_ids=input_ids, attention_mask=mask).logits
+                    loss = self._loss(logits, labels, spans)
+                    losses.append(float(loss.detach()))
+                    if losses[-1] < hp.stop_loss:
+                        break
+                    loss.backward()
+                    opt.step()
+                    if hp.norm_constraint > 0:
+                        with torch.no_grad():
+                            eps = hp.norm_constraint
+                            weight.copy_(torch.clamp(weight, original - eps, original + eps))
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+            weight.grad = None
+        return EditOutcome(
+            changed_params=[self.param_name],
+            info={"layer": self.layer, "steps": len(losses), "loss_first": losses[0], "loss_last": losses[-1]},
+        )
+
+
+class FTM(_FineTune):
+    name = "ft-m"
+
+
+class FTL(_FineTune):
+    name = "ft-l"
+    last_position_only = True

@@ -1,0 +1,181 @@
+"""The ``knowbench`` command line.
+
+Data (tables, result paths) goes to stdout; progress bars and logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+log = logging.getLogger("knowbench")
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="edit a model on a task and evaluate it",
+        description="Apply edits from a task's records to a model under a protocol (single, batch or "
+        "sequential), evaluate KnowEdit's metrics before and after, and write a result JSON.",
+    )
+    p.add_argument("--editor", required=True, help="editor name (see `knowbench ls`), e.g. ft-m, rome")
+    p.add_argument("--task", required=True, help="task name or KnowEdit spelling: zsre, wiki_recent, "
+                   "counterfact, wikibio, convsent, sanitation (see `knowbench ls`)")
+    p.add_argument("--model", default=None, help="Hugging Face model id, local folder, or a built-in name "
+                   "(embedded, smollm2-135m, random-gpt2, random-llama); default: the embedded world model")
+    p.add_argument("--data", default=None, help="task data file or a folder holding KnowEdit's file for "
+                   "this task; default: the embedded world's file for the task")
+    p.add_argument("--limit", type=int, default=None, help="edit a seeded sample of N records (kept in "
+                   "file order; the chosen indices are recorded in the result)")
+    p.add_argument("--sequential", type=int, default=None, metavar="T", help="lifelong protocol: apply T "
+                   "edits one after another without restoring the weights")
+    p.add_argument("--eval-timing", choices=("each", "final"), default="each", help="sequential protocol: "
+                   "evaluate each edit right after it is applied (each) or all edits on the final model (final)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B", help="edits per update: without "
+                   "--sequential this is the batch protocol; with it, T edits are applied B at a time")
+    p.add_argument("--curve-every", type=int, default=None, metavar="K", help="sequential protocol: "
+                   "evaluate a fixed probe subset every K edits (the lifelong curve)")
+    p.add_argument("--curve-probes", type=int, default=50, metavar="N", help="records in the curve's probe "
+                   "subset (the first N edits; default 50)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data selection, sampling and editor "
+                   "randomness (default 0)")
+    p.add_argument("--output", default=None, help="result JSON path (default: results/<editor>_<task>_"
+                   "<model>_<protocol>_s<seed>_<time>.json)")
+    p.add_argument("--log-records", default=None, metavar="FILE", help="also write per-record scores "
+                   "(JSON lines, each naming its record's index in the source file)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", default="float32", help="model dtype: float32, float16, bfloat16 (default float32)")
+    p.add_argument("--hparams", default=None, metavar="FILE", help="YAML/JSON file of editor "
+                   "hyper-parameters overriding the defaults for this model")
+    p.add_argument("--eval-batch-size", type=int, default=32, help="prompts per evaluation forward pass")
+    p.add_argument("--no-fluency", action="store_true", help="skip the generation-based fluency metric")
+    p.add_argument("--no-diagnostics", action="store_true", help="skip the per-edit superposition diagnostics")
+    from .study import add_run_arguments
+
+    add_run_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the result JSON to stdout instead of the table")
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .report import print_result
+    from .results import write_json_atomic, write_jsonl_atomic
+    from .runner import RunConfig, default_output, finish, run
+
+    cfg = RunConfig(
+        editor=args.editor, task=args.task, model=args.model, data=args.data, limit=args.limit,
+        sequential=args.sequential, eval_timing=args.eval_timing, batch_size=args.batch_size,
+        seed=args.seed, output=args.output, device=args.device, dtype=args.dtype, hparams=args.hparams,
+        eval_batch_size=args.eval_batch_size, fluency=not args.no_fluency, curve_every=args.curve_every,
+        curve_probes=args.curve_probes, log_records=args.log_records, diagnostics=not args.no_diagnostics,
+    )
+    from .study import run_options
+
+    cfg.extra["diagnostics"] = run_options(args.diagnostics_probes, args.diagnostics_max_probes)
+    result = run(cfg)
+    records = result.pop("_records")
+    result = finish(result)
+    out = Path(args.output) if args.output else default_output(result)
+    write_json_atomic(out, result)
+    if args.log_records:
+        write_jsonl_atomic(args.log_records, records)
+        log.info("per-record log: %s", args.log_records)
+    if args.json:
+        import json
+
+        print(json.dumps(result, indent=1))
+    else:
+        print_result(result, Console())
+    log.info("result written to %s", out)
+    return 0
+
+
+def _add_ls(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ls", help="list installed tasks and editors with the distribution providing each",
+                       description="List task and editor plugins found through entry points (no plugin is imported).")
+    p.set_defaults(func=cmd_ls)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import registry
+
+    console = Console()
+    for group, title in ((registry.TASK_GROUP, "Tasks"), (registry.EDITOR_GROUP, "Editors")):
+        table = Table(title=title, title_justify="left")
+        for col in ("name", "aliases", "provided by", "object"):
+            table.add_column(col)
+        for info, aliases in registry.group_aliases(registry.discover(group)):
+            table.add_row(info.name, ", ".join(aliases), f"{info.dist} {info.dist_version}", info.value)
+        console.print(table)
+    return 0
+
+
+def _add_world(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("world", help="build or evaluate the embedded synthetic world and its model",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_world)
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    try:
+        from .world.cli import world_main
+    except ImportError as exc:
+        raise SystemExit(f"knowbench world is not available in this installation: {exc}")
+    return int(world_main(args.rest) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="knowbench",
+        description="knowbench: benchmark harness for knowledge editing (KnowEdit tasks, lifelong editing, "
+        "superposition diagnostics).",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (on stderr)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run(sub)
+    _add_ls(sub)
+    _add_world(sub)
+    from .leaderboard import add_leaderboard, add_submit
+    from .validate import add_validate
+
+    add_validate(sub)
+    add_submit(sub)
+    add_leaderboard(sub)
+    from .plots import add_plot
+    from .study import add_superposition
+
+    add_superposition(sub)
+    add_plot(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .progress import setup_logging
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(-1 if args.quiet else args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    except (LookupError, ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
+        if args.verbose > 1:
+            raise
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
