@@ -39,7 +39,7 @@ class Reference:
     """Unedited-model numbers that post-edit metrics compare against, keyed by record index."""
 
     locality: dict[int, dict[str, list[scoring.TeacherForced]]] = field(default_factory=dict)
-    convsent_target_lp: dict[int, list[float]] = field(default_factory=dict)
+    convsent_target_lp: dict[int, tuple[list[float], list[int]]] = field(default_factory=dict)
     convsent_locality: dict[int, list[Any]] = field(default_factory=dict)  # (n_tok, vocab) log-probs
     sanitation_locality: dict[int, list[list[int]]] = field(default_factory=dict)  # greedy ids
 
@@ -90,8 +90,14 @@ class Evaluator:
         )
 
     def _greedy_ids(self, prompts: list[str], rewrite: Rewrite | None) -> list[list[int]]:
-        texts = self._gen(prompts, rewrite, self.cfg.sanitation_tokens, None)
-        return [self.tok(t, add_special_tokens=False).input_ids[: self.cfg.sanitation_tokens] for t in texts]
+        if not prompts:
+            return []
+        if rewrite is not None:
+            prompts = rewrite(prompts)
+        return scoring.generate_ids(
+            self.model, self.tok, prompts, max_new_tokens=self.cfg.sanitation_tokens, top_k=None,
+            seed=self.cfg.seed, batch_size=self.cfg.gen_batch_size,
+        )
 
     # -- reference (unedited model) ----------------------------------------------------------
     def prepare(self, records: Sequence[EditRecord]) -> None:
@@ -195,20 +201,24 @@ class Evaluator:
     def _convsent_target_lp(self, records, rewrite) -> list[list[float]]:
         return self._mean_lps(records, "target_replies", rewrite)
 
-    def _mean_lps(self, records, field_name: str, rewrite) -> list[list[float]]:
+    def _mean_lps(self, records, field_name: str, rewrite) -> list[tuple[list[float], list[int]]]:
+        """Per record: each reply's mean token log-prob and its token count."""
         pairs, owners = [], []
         for row, r in enumerate(records):
             for reply in r.extra[field_name]:
                 pairs.append((r.prompt, reply))
                 owners.append(row)
-        out: list[list[float]] = [[] for _ in records]
+        out: list[tuple[list[float], list[int]]] = [([], []) for _ in records]
         for row, tf in zip(owners, self._tf(pairs, rewrite)):
-            out[row].append(float(np.mean(tf.logprobs)))
+            out[row][0].append(tf.mean_logprob)
+            out[row][1].append(len(tf))
         return out
 
     def _convsent_locality(self, records, rewrite) -> dict[int, list[Any]]:
         pairs, owners = [], []
         for r in records:
+            if not r.extra.get("locality_replies"):
+                continue
             prompt = self._locality_prompt(r)
             for reply in r.extra["locality_replies"][: self.cfg.convsent_locality_replies]:
                 pairs.append((prompt, reply))
@@ -223,6 +233,8 @@ class Evaluator:
 
     @staticmethod
     def _locality_prompt(r: EditRecord) -> str:
+        if r.extra.get("locality_prompt"):
+            return r.extra["locality_prompt"]
         topic = r.extra["locality_topic"]
         return r.prompt.replace(r.subject, topic) if r.subject else f"What do you think of {topic}?"
 
@@ -232,8 +244,11 @@ class Evaluator:
         loc = self._convsent_locality(records, rewrite) if locality else {}
         out = []
         for r, t, o in zip(records, target, opposite):
+            # the reference pools tokens over all replies of a sentiment: token-weighted means
             vals: dict[str, Any] = {
-                "edit_succ": M.convsent_edit_succ(t, o, ref.convsent_target_lp[r.index]),
+                "edit_succ": M.convsent_edit_succ(
+                    t[0], o[0], ref.convsent_target_lp[r.index][0], target_counts=t[1], opposite_counts=o[1]
+                ),
             }
             if locality and r.index in loc:
                 kls = [M.kl_divergence(pre, post) for pre, post in zip(ref.convsent_locality[r.index], loc[r.index])]
@@ -252,10 +267,14 @@ class Evaluator:
                     prompts.append(p.prompt)
                     owners.append(row)
             seen = [0] * len(records)
+            agree: list[list[float]] = [[] for _ in records]
             for row, ids in zip(owners, self._greedy_ids(prompts, rewrite)):
                 pre = ref.sanitation_locality[records[row].index][seen[row]]
                 seen[row] += 1
-                per[row].setdefault("locality", {}).setdefault("locality", []).append(M.greedy_agreement(pre, ids))
+                agree[row].append(M.greedy_agreement(pre, ids))
+            for row, values in enumerate(agree):
+                if values:  # a record with no locality question of its own has no locality score
+                    per[row]["locality"] = float(np.mean(values))
         return [RecordScores(r.index, v) for r, v in zip(records, per)]
 
 

@@ -34,7 +34,10 @@ def metric_rows(pre: dict[str, Any], post: dict[str, Any]) -> list[tuple[str, st
 
 
 def _fmt(entry: dict[str, Any] | None) -> str:
-    return "" if entry is None else f"{entry['value']:.2f}"
+    if entry is None:
+        return ""
+    # divergences are small numbers; percentages read best with two decimals
+    return f"{entry['value']:.2f}" if entry.get("higher_is_better", True) else f"{entry['value']:.4f}"
 
 
 def result_table(result: dict[str, Any]) -> Table:

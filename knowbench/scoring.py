@@ -1,0 +1,496 @@
+"""Batched scoring primitives: teacher forcing, next-token distributions, and generation.
+
+Teacher forcing (KnowEdit's accuracy): feed ``prompt + " " + target`` as one sequence x_1..x_T whose
+target occupies positions s..T (s = index of the first target token). The model's distribution at
+position t-1 predicts x_t, so for every target position t we record
+
+    pred_t = argmax_v p(v | x_<t)        logprob_t = log p(x_t | x_<t)
+
+Accuracy is mean(pred_t == x_t) over the target positions; locality compares pred_t before and after
+an edit.
+
+Everything here is batched: pairs are sorted by length (less padding), padded on the tokenizer's
+padding side, and run with an attention mask *and* explicit position ids (cumsum(mask) - 1) so a
+padded row sees exactly the positions it would see alone (transformers 5 does not derive positions
+from the mask for GPT-2 / Llama). The LM head runs only on the gathered target positions, never on
+every position, which matters for vocabularies of 50k-150k. Results come back in input order and
+agree with a one-pair-at-a-time computation (left or right padding, with or without BOS) to float
+rounding.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .arch import ArchAdapter
+
+log = logging.getLogger(__name__)
+
+# Rows of hidden states sent through the LM head at once (bounds memory for 150k-token vocabs).
+_HEAD_CHUNK = 256
+
+
+# -- results -----------------------------------------------------------------------------------
+@dataclass
+class TeacherForced:
+    """Teacher-forced scores of one (prompt, target) pair, one entry per target token."""
+
+    gold: list[int]  # target token ids
+    pred: list[int]  # argmax token at each target position given the gold prefix
+    logprobs: list[float]  # log p(gold token) at each target position
+
+    def __post_init__(self) -> None:
+        if not len(self.gold) == len(self.pred) == len(self.logprobs):
+            raise ValueError(
+                f"TeacherForced fields differ in length: gold {len(self.gold)}, pred {len(self.pred)}, "
+                f"logprobs {len(self.logprobs)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.gold)
+
+    @property
+    def accuracy(self) -> float:
+        """Fraction of target tokens predicted correctly (KnowEdit's token accuracy)."""
+        if not self.gold:
+            raise ValueError("TeacherForced has no target tokens; token accuracy is undefined")
+        return float(np.mean(np.asarray(self.pred) == np.asarray(self.gold)))
+
+    @property
+    def mean_logprob(self) -> float:
+        """Mean log-probability per target token (ConvSent's per-reply score)."""
+        if not self.gold:
+            raise ValueError("TeacherForced has no target tokens; mean log-prob is undefined")
+        return float(np.mean(self.logprobs))
+
+
+# -- tokenization ------------------------------------------------------------------------------
+def join_prompt_target(prompt: str, target: str) -> tuple[str, int]:
+    """The scored text and the character index where the prompt ends.
+
+    KnowEdit joins with one space. A target that already starts with whitespace, or a prompt that
+    already ends with it, is joined as is so the space is never doubled.
+    """
+    if target[:1].isspace() or prompt[-1:].isspace() or not prompt:
+        return prompt + target, len(prompt)
+    return prompt + " " + target, len(prompt)
+
+
+def target_spans(
+    tok: Any, pairs: Sequence[tuple[str, str]]
+) -> list[tuple[list[int], int]]:
+    """For each (prompt, target): ids of the joined text (with special tokens such as BOS) and the
+    index of the first target token; the target is ``ids[start:]``.
+
+    With a fast tokenizer the start is the first token whose character span ends after the prompt
+    (robust to merges across the boundary and to a prompt ending in a space). Slow tokenizers fall
+    back to the longest common prefix of the prompt's own ids and the joined ids. Special tokens a
+    tokenizer appends after the text (EOS) are dropped: they are not part of the target.
+    """
+    pairs = list(pairs)
+    for i, (prompt, target) in enumerate(pairs):
+        if not isinstance(prompt, str) or not isinstance(target, str):
+            raise TypeError(
+                f"pair {i}: prompt and target must be str, got {type(prompt).__name__} and "
+                f"{type(target).__name__}"
+            )
+        if not target.strip():
+            raise ValueError(f"pair {i}: target is empty (prompt {prompt!r}); nothing to score")
+    if not pairs:
+        return []
+    joined = [join_prompt_target(p, t) for p, t in pairs]
+    texts = [text for text, _ in joined]
+    use_offsets = bool(getattr(tok, "is_fast", False))
+    enc = tok(
+        texts,
+        add_special_tokens=True,
+        return_offsets_mapping=use_offsets,
+        return_special_tokens_mask=True,
+    )
+    prompt_ids = None
+    if not use_offsets:
+        prompt_ids = tok([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
+
+    spans: list[tuple[list[int], int]] = []
+    for i, (prompt, target) in enumerate(pairs):
+        ids = list(enc["input_ids"][i])
+        special = list(enc["special_tokens_mask"][i])
+        prompt_chars = joined[i][1]
+        # drop special tokens the tokenizer appended after the text (e.g. EOS)
+        end = len(ids)
+        while end > 0 and special[end - 1]:
+            end -= 1
+        if use_offsets:
+            offsets = enc["offset_mapping"][i]
+            start = next(
+                (j for j in range(end) if not special[j] and offsets[j][1] > prompt_chars), end
+            )
+        else:
+            p_ids = list(prompt_ids[i])
+            while p_ids and p_ids[-1] in getattr(tok, "all_special_ids", ()):  # trailing EOS
+                p_ids.pop()
+            start = 0
+            while start < min(len(p_ids), end) and p_ids[start] == ids[start]:
+                start += 1
+        ids = ids[:end]
+        if start >= len(ids):
+            raise ValueError(
+                f"pair {i}: target {target!r} produced no tokens after prompt {prompt!r}"
+            )
+        if start == 0:
+            raise ValueError(
+                f"pair {i}: nothing precedes the target {target!r} (empty prompt and the tokenizer "
+                f"adds no BOS), so its first token cannot be predicted"
+            )
+        spans.append((ids, start))
+    return spans
+
+
+# -- batching helpers --------------------------------------------------------------------------
+@contextmanager
+def _progress(total: int, progress: bool | str, default_desc: str) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr, or a no-op when progress is False."""
+    if not progress:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn,
+    )
+
+    desc = progress if isinstance(progress, str) else default_desc
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=Console(file=sys.stderr), transient=True,
+    ) as bar:
+        task = bar.add_task(desc, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off while scoring; the caller's train/eval state is restored afterwards."""
+    was_training = model.training
+    if was_training:  # toggling walks every module; skip it in the usual eval case
+        model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if was_training:
+            model.train()
+
+
+def _pad_id(tok: Any) -> int:
+    for cand in (tok.pad_token_id, tok.eos_token_id, getattr(tok, "unk_token_id", None)):
+        if cand is not None:
+            return int(cand)
+    return 0  # any id works: padded positions are masked out
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _max_positions(model: torch.nn.Module) -> int | None:
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def pad_batch(
+    seqs: Sequence[Sequence[int]], pad_id: int, side: str, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """input_ids, attention_mask, position_ids (cumsum(mask) - 1, clamped at 0) and each row's offset
+    (number of pads before its first token) for a list of id sequences."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    offsets = []
+    for r, s in enumerate(seqs):
+        off = width - len(s) if side == "left" else 0
+        ids[r, off : off + len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[r, off : off + len(s)] = 1
+        offsets.append(off)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), pos.to(device), offsets
+
+
+def _fit(
+    ids: list[int], start: int, limit: int | None, i: int, bos_id: int | None
+) -> tuple[list[int], int]:
+    """Left-truncate the prompt (keeping a leading BOS) so the sequence fits the model's context."""
+    if limit is None or len(ids) <= limit:
+        return ids, start
+    n_target = len(ids) - start
+    if n_target + 1 > limit:  # (generation passes start = len(ids): no target)
+        raise ValueError(
+            f"pair {i}: target has {n_target} tokens, more than the model's context of {limit} allows"
+        )
+    drop = len(ids) - limit
+    keep_head = 1 if bos_id is not None and ids[0] == bos_id and start > drop + 1 else 0
+    head = ids[:keep_head]
+    ids = head + ids[keep_head + drop :]
+    log.warning("prompt %d truncated by %d tokens to fit a context of %d", i, drop, limit)
+    return ids, start - drop
+
+
+def _target_logits(
+    model: torch.nn.Module,
+    tok: Any,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int,
+    progress: bool | str,
+    padding_side: str | None,
+    max_length: int | None,
+    desc: str,
+) -> Iterator[tuple[int, list[int], torch.Tensor]]:
+    """Yield (pair index, gold target ids, float32 logits (n_target, vocab)) batch by batch, in
+    length-sorted order. Logits at row t are the model's prediction for gold[t]."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    side = padding_side or getattr(tok, "padding_side", "right") or "right"
+    spans = target_spans(tok, pairs)
+    limit = max_length or _max_positions(model)
+    bos = getattr(tok, "bos_token_id", None)
+    spans = [_fit(ids, s, limit, i, bos) for i, (ids, s) in enumerate(spans)]
+    order = sorted(range(len(spans)), key=lambda i: -len(spans[i][0]))
+    adapter = ArchAdapter(model)
+    body, head = adapter.body, adapter.lm_head
+    device = _model_device(model)
+    pad_id = _pad_id(tok)
+
+    with _eval_mode(model), _progress(len(spans), progress, desc) as advance:
+        for b0 in range(0, len(order), batch_size):
+            idx = order[b0 : b0 + batch_size]
+            seqs = [spans[i][0] for i in idx]
+            ids, mask, pos, offs = pad_batch(seqs, pad_id, side, device)
+            hidden = body(
+                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False
+            ).last_hidden_state
+            # the distribution at position t-1 predicts token t: gather those rows only
+            rows, cols, sizes = [], [], []
+            for r, i in enumerate(idx):
+                seq, start = spans[i]
+                n = len(seq) - start
+                rows.extend([r] * n)
+                cols.extend(range(offs[r] + start - 1, offs[r] + len(seq) - 1))
+                sizes.append(n)
+            h = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+            logits = torch.cat(
+                [head(h[c : c + _HEAD_CHUNK]).float() for c in range(0, h.shape[0], _HEAD_CHUNK)]
+            )
+            for i, part in zip(idx, logits.split(sizes)):
+                seq, start = spans[i]
+                yield i, seq[start:], part
+            advance(len(idx))
+
+
+# -- public scoring functions ------------------------------------------------------------------
+def teacher_forced(
+    model: torch.nn.Module,
+    tok: Any,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 32,
+    progress: bool | str = False,
+    padding_side: str | None = None,
+    max_length: int | None = None,
+) -> list[TeacherForced]:
+    """Teacher-forced argmax and gold log-probs for each (prompt, target) pair, in input order.
+
+    ``padding_side`` overrides the tokenizer's; ``max_length`` (default: the model's context) bounds a
+    sequence, left-truncating over-long prompts with a warning.
+    """
+    out: list[TeacherForced | None] = [None] * len(pairs)
+    for i, gold, logits in _target_logits(
+        model, tok, pairs, batch_size=batch_size, progress=progress, padding_side=padding_side,
+        max_length=max_length, desc="teacher forcing",
+    ):
+        lp = torch.log_softmax(logits, dim=-1)
+        gold_t = torch.tensor(gold, device=lp.device)
+        out[i] = TeacherForced(
+            gold=list(gold),
+            pred=lp.argmax(-1).tolist(),
+            logprobs=lp.gather(-1, gold_t[:, None])[:, 0].tolist(),
+        )
+    return out  # type: ignore[return-value]
+
+
+def continuation_logprobs(
+    model: torch.nn.Module,
+    tok: Any,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = 32,
+    progress: bool | str = False,
+    padding_side: str | None = None,
+    max_length: int | None = None,
+) -> list[torch.Tensor]:
+    """Per pair, the (n_target, vocab) float32 log-softmax distributions that predict each target
+    token given the gold prefix (row t predicts target token t), on the CPU, in input order.
+
+    For ConvSent's locality KL. EasyEdit masks the positions *of* the reply tokens instead, i.e. the
+    distributions one step later (its last row predicts the token after the reply); both give one
+    row per reply token, ours are the ones that score the reply itself.
+    """
+    out: list[torch.Tensor | None] = [None] * len(pairs)
+    for i, _gold, logits in _target_logits(
+        model, tok, pairs, batch_size=batch_size, progress=progress, padding_side=padding_side,
+        max_length=max_length, desc="next-token distributions",
+    ):
+        out[i] = torch.log_softmax(logits, dim=-1).cpu()
+    return out  # type: ignore[return-value]
+
+
+# -- generation --------------------------------------------------------------------------------
+def _eos_ids(model: torch.nn.Module, tok: Any) -> set[int]:
+    ids: set[int] = set()
+    gen_cfg = getattr(model, "generation_config", None)
+    for src in (tok.eos_token_id, getattr(gen_cfg, "eos_token_id", None)):
+        if src is None:
+            continue
+        ids.update([src] if isinstance(src, int) else list(src))
+    return ids
+
+
+def _row_generator(seed: int, row: int, device: torch.device) -> torch.Generator:
+    """One generator per prompt, so a prompt's sample does not depend on batch size or order."""
+    state = np.random.SeedSequence([seed, row]).generate_state(2, dtype=np.uint32)
+    g = torch.Generator(device=device)
+    g.manual_seed(int(state[0]) << 32 | int(state[1]))
+    return g
+
+
+def generate(
+    model: torch.nn.Module,
+    tok: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    top_k: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool | str = False,
+) -> list[str]:
+    """Continue each prompt by up to ``max_new_tokens`` tokens; return only the new text.
+
+    Greedy when ``top_k`` is None, else top-k sampling. Sampling draws from one torch.Generator per
+    prompt seeded from (seed, prompt index), so the same call gives the same texts whatever the batch
+    size. Rows are left-padded with explicit position ids and decoded with the model's KV cache; a
+    row stops at EOS (which is not part of the returned text).
+    """
+    ids = generate_ids(
+        model, tok, prompts, max_new_tokens=max_new_tokens, top_k=top_k, seed=seed,
+        batch_size=batch_size, progress=progress,
+    )
+    return [tok.decode(t, skip_special_tokens=True) for t in ids]
+
+
+def generate_ids(
+    model: torch.nn.Module,
+    tok: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    top_k: int | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool | str = False,
+) -> list[list[int]]:
+    """:func:`generate`, returning each prompt's new token ids (EOS excluded) instead of text, e.g.
+    for per-position agreement of greedy answers without a decode/encode round trip."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prompts = list(prompts)
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompt {i}: expected str, got {type(p).__name__}")
+    encoded = tok(prompts, add_special_tokens=True)["input_ids"] if prompts else []
+    for i, ids in enumerate(encoded):
+        if not ids:
+            raise ValueError(
+                f"prompt {i} is empty and the tokenizer adds no BOS: nothing to continue"
+            )
+    limit = _max_positions(model)
+    if limit is not None:  # prompt + continuation must fit the context: prompts lose their start
+        if max_new_tokens >= limit:
+            raise ValueError(
+                f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+                f"context of {limit} tokens"
+            )
+        bos = getattr(tok, "bos_token_id", None)
+        room = limit - max_new_tokens
+        encoded = [_fit(ids, len(ids), room, i, bos)[0] for i, ids in enumerate(encoded)]
+    device = _model_device(model)
+    pad_id = _pad_id(tok)
+    eos = _eos_ids(model, tok)
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    # only the last position's logits are needed; older model classes lack the argument
+    takes_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+    extra = {"logits_to_keep": 1} if takes_keep else {}
+    new_tokens: list[list[int]] = [[] for _ in prompts]
+
+    with _eval_mode(model), _progress(len(prompts), progress, "generating") as advance:
+        for b0 in range(0, len(order), batch_size):
+            idx = order[b0 : b0 + batch_size]
+            ids, mask, pos, _ = pad_batch([encoded[i] for i in idx], pad_id, "left", device)
+            gens = [_row_generator(seed, i, device) for i in idx] if top_k is not None else None
+            done = torch.zeros(len(idx), dtype=torch.bool, device=device)
+            past = None
+            step_ids, step_pos = ids, pos
+            for _ in range(max_new_tokens):
+                out = model(
+                    input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                    past_key_values=past, use_cache=True, **extra,
+                )
+                past = out.past_key_values
+                logits = out.logits[:, -1].float()
+                nxt = _pick(logits, top_k, gens)
+                nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+                for r, i in enumerate(idx):
+                    if not done[r]:
+                        t = int(nxt[r])
+                        if t in eos:
+                            done[r] = True
+                        else:
+                            new_tokens[i].append(t)
+                if bool(done.all()):
+                    break
+                step_ids = nxt[:, None]
+                step_pos = step_pos[:, -1:] + 1
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            advance(len(idx))
+    return new_tokens
+
+
+def _pick(logits: torch.Tensor, top_k: int | None, gens: list[torch.Generator] | None) -> torch.Tensor:
+    """Next token per row: argmax, or a top-k sample using each row's own generator."""
+    if top_k is None:
+        return logits.argmax(-1)
+    k = min(top_k, logits.shape[-1])
+    vals, cand = logits.topk(k, dim=-1)
+    probs = torch.softmax(vals, dim=-1)
+    assert gens is not None
+    choice = torch.stack(
+        [torch.multinomial(probs[r], 1, generator=gens[r])[0] for r in range(probs.shape[0])]
+    )
+    return cand.gather(-1, choice[:, None])[:, 0]
