@@ -148,7 +148,25 @@ def override_hparams(hp: Any, overrides: dict[str, Any], source: str = "--hparam
             f"{source}: unknown hyper-parameter(s) {', '.join(unknown)} for "
             f"{type(hp).__name__}; valid: {', '.join(sorted(valid))}"
         )
-    return dataclasses.replace(hp, **overrides)
+    coerced = {name: _coerce(valid[name], value, source) for name, value in overrides.items()}
+    return dataclasses.replace(hp, **coerced)
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    """YAML reads ``1e-6`` as a string and ``5`` as an int: convert to the field's declared type."""
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+    try:
+        if kind == "float" and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            return float(value)
+        if kind == "int" and isinstance(value, (int, str)) and not isinstance(value, bool):
+            return int(value)
+        if kind == "bool" and isinstance(value, str):
+            if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
+                raise ValueError(value)
+            return value.lower() in ("true", "yes", "1")
+    except ValueError:
+        raise ValueError(f"{source}: {f.name} must be {kind}, got {value!r}") from None
+    return value
 
 
 def load_hparams_file(path: str | Path) -> dict[str, Any]:

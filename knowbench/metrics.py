@@ -104,7 +104,7 @@ def _split_period(m: re.Match) -> str:
 
 
 def word_tokenize(text: str) -> list[str]:
-    """Words and punctuation the way NLTK's ``word_tokenize`` splits English text, by regex.
+    r"""Words and punctuation the way NLTK's ``word_tokenize`` splits English text, by regex.
 
     As NLTK (3.9) does: splits off , ; : (not inside numbers such as 1,000 or 10:30), ? ! @ # $ % &
     * brackets, ``--`` and Unicode dashes; keeps ``...`` whole; splits clitics (``don't`` -> ``do

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# tiny models gain nothing from intra-op threads, and oversubscribed cores slow them badly
+torch.set_num_threads(1)
 os.environ.setdefault("KNOWBENCH_PROGRESS", "0")
 
 SHARED_DATA = Path(os.environ.get("KNOWBENCH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

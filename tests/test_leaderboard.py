@@ -1,0 +1,220 @@
+"""`knowbench submit` / `knowbench leaderboard`: storage by run key, tables, generated files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from kb_results import make_result, reseal
+
+from knowbench.cli import main
+from knowbench.leaderboard import (
+    LeaderboardError,
+    build_tables,
+    load_entries,
+    protocol_key,
+    render_markdown,
+    slug,
+    stale_outputs,
+    submit,
+)
+from knowbench.validate import ValidationError
+
+REPO_LEADERBOARD = Path(__file__).resolve().parents[1] / "leaderboard"
+
+
+def write(tmp_path: Path, name: str, result: dict) -> Path:
+    path = tmp_path / name
+    path.write_text(json.dumps(result, indent=1))
+    return path
+
+
+def md_rows(markdown: str, header_start: str) -> list[list[str]]:
+    """Cells of the rows of the first table after the heading line ``header_start``."""
+    lines = markdown.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[i + 1:]:
+        if line.startswith("| #"):
+            continue
+        if line.startswith("|---"):
+            continue
+        if not line.startswith("|"):
+            if rows:
+                break
+            continue
+        rows.append([c.strip() for c in line.strip("|").split(" | ")])
+    return rows
+
+
+def test_committed_leaderboard_is_current():
+    """README.md and index.html must be regenerated whenever leaderboard/results changes."""
+    stale = stale_outputs(REPO_LEADERBOARD)
+    assert not stale, (f"{', '.join(stale)} in {REPO_LEADERBOARD} are stale relative to the result files: run "
+                       "`knowbench leaderboard --write --leaderboard leaderboard` and commit them")
+
+
+def test_keys_and_slugs():
+    assert slug("meta-llama/Llama-2-7b-chat-hf") == "meta-llama--Llama-2-7b-chat-hf"
+    assert slug("/home/me/my model") == "home--me--my-model"
+    base = {"n_edits": 100, "eval_timing": "each", "batch_size": 1}
+    assert protocol_key({**base, "name": "single"}) == "single"
+    assert protocol_key({**base, "name": "batch", "batch_size": 16}) == "batch16"
+    assert protocol_key({**base, "name": "sequential", "eval_timing": "final"}) == "sequential100-final"
+    assert protocol_key({**base, "name": "sequential", "batch_size": 10}) == "sequential100-each-b10"
+
+
+def test_submit_stores_one_file_per_key_and_refuses_duplicates(tmp_path, capsys):
+    lb = tmp_path / "lb"
+    a = write(tmp_path, "a.json", make_result(editor="rome", model="meta-llama/Llama-2-7b", protocol="sequential",
+                                              n_edits=6, eval_timing="final", seed=3))
+    assert main(["submit", str(a), "--leaderboard", str(lb)]) == 0
+    stored = lb / "results/zsre/meta-llama--Llama-2-7b/rome/sequential6-final_s3.json"
+    assert stored.exists() and json.loads(stored.read_text()) == json.loads(a.read_text())
+    assert f"added {stored}" in capsys.readouterr().out
+    assert (lb / "README.md").exists() and (lb / "index.html").exists() and not stale_outputs(lb)
+
+    # same key, same content
+    assert main(["submit", str(a), "--leaderboard", str(lb)]) == 1
+    out = capsys.readouterr().out
+    assert "this exact result is already on the leaderboard" in out and "--replace" in out
+    # same key, other numbers: refused, stored file untouched
+    b = write(tmp_path, "b.json", make_result(editor="rome", model="meta-llama/Llama-2-7b", protocol="sequential",
+                                              n_edits=6, eval_timing="final", seed=3,
+                                              post={"edit_succ": 11.0}))
+    with pytest.raises(LeaderboardError, match="a result for the same run key is already on the leaderboard"):
+        submit([b], lb)
+    assert json.loads(stored.read_text())["metrics"]["post"]["edit_succ"]["value"] == 97.25
+    # --replace overwrites and regenerates
+    assert main(["submit", str(b), "--leaderboard", str(lb), "--replace"]) == 0
+    assert f"replaced {stored}" in capsys.readouterr().out
+    assert json.loads(stored.read_text())["metrics"]["post"]["edit_succ"]["value"] == 11.0
+    assert "| 11.00 |" in (lb / "README.md").read_text()
+    # other seed / other timing: other keys, stored beside it
+    c = write(tmp_path, "c.json", make_result(editor="rome", model="meta-llama/Llama-2-7b", protocol="sequential",
+                                              n_edits=6, eval_timing="each", seed=3))
+    submit([c], lb)
+    assert len(load_entries(lb)) == 2
+
+
+def test_submit_is_all_or_nothing(tmp_path):
+    lb = tmp_path / "lb"
+    good = write(tmp_path, "good.json", make_result(editor="ft-m"))
+    tampered = make_result(editor="ft-l")
+    tampered["metrics"]["post"]["edit_succ"]["value"] = 100.0
+    bad = write(tmp_path, "bad.json", tampered)
+    with pytest.raises(LeaderboardError, match=r"(?s)invalid result file.*bad\.json: INVALID.*content hash mismatch"):
+        submit([good, bad], lb)
+    assert not (lb / "results").exists()
+    with pytest.raises(ValidationError, match="content hash mismatch"):
+        submit([bad], lb)
+    twin = write(tmp_path, "twin.json", make_result(editor="ft-m", post={"edit_succ": 1.0}))
+    with pytest.raises(LeaderboardError, match="same run key as"):
+        submit([good, twin], lb)
+    assert not (lb / "results").exists()
+
+
+def test_leaderboard_reads_only_valid_files_in_place(tmp_path):
+    lb = tmp_path / "lb"
+    submit([write(tmp_path, "a.json", make_result(editor="ft-m"))], lb)
+    stored = lb / "results/zsre/embedded/ft-m/single_s0.json"
+    # a number edited in the stored file
+    stored.write_text(stored.read_text().replace('"value": 97.25', '"value": 99.9'))
+    with pytest.raises(LeaderboardError, match=r"(?s)single_s0.json: INVALID.*content hash mismatch"):
+        load_entries(lb)
+    # a valid file in the wrong place
+    stored.unlink()
+    misplaced = lb / "results/zsre/embedded/ft-m/single_s7.json"
+    misplaced.write_text(json.dumps(make_result(editor="ft-m")))
+    with pytest.raises(LeaderboardError, match="belongs at .*single_s0.json"):
+        load_entries(lb)
+
+
+def _board(tmp_path: Path) -> Path:
+    lb = tmp_path / "lb"
+    runs = [
+        make_result(editor="ft-m", post={"edit_succ": 90.0, "portability": 40.0, "locality": 80.0, "fluency": 500.0}),
+        make_result(editor="ft-l", post={"edit_succ": 90.0, "portability": 45.0, "locality": 70.0}),
+        make_result(editor="rome", seed=0, post={"edit_succ": 98.0, "portability": 50.0, "locality": 60.0,
+                                                 "fluency": 550.0}),
+        make_result(editor="rome", seed=1, post={"edit_succ": 96.0, "portability": 52.0, "locality": 62.0,
+                                                 "fluency": 560.0}),
+        make_result(editor="memit", protocol="sequential", n_edits=8, post={"edit_succ": 40.0, "locality": 20.0}),
+        make_result(editor="ft-m", task="convsent", kind="convsent", post={"edit_succ": 70.0, "locality": 0.9}),
+        make_result(editor="rome", task="convsent", kind="convsent", post={"edit_succ": 70.0, "locality": 0.2}),
+    ]
+    submit([write(tmp_path, f"r{i}.json", r) for i, r in enumerate(runs)], lb)
+    return lb
+
+
+def test_tables_rank_average_seeds_and_leave_missing_metrics_empty(tmp_path):
+    lb = _board(tmp_path)
+    tables = build_tables(load_entries(lb))
+    assert [(t.task, t.protocol) for t in tables] == [("zsre", "single"), ("zsre", "sequential8-each"),
+                                                      ("convsent", "single")]
+    single = tables[0]
+    assert [r.editor for r in single.rows] == ["rome", "ft-l", "ft-m"]  # tie on Edit Succ.: Portability decides
+    rome = single.rows[0]
+    assert rome.seeds == [0, 1] and rome.values["edit_succ"] == pytest.approx(97.0)
+    assert rome.values["fluency"] == pytest.approx(555.0)
+    assert single.rows[1].values["fluency"] is None
+    assert single.columns == ["edit_succ", "portability", "locality", "fluency"]  # rephrase: nobody measured it
+    # ConvSent's KL locality ranks lower-is-better
+    conv = tables[2]
+    assert conv.lower_is_better == {"locality"} and [r.editor for r in conv.rows] == ["rome", "ft-m"]
+
+    md = (lb / "README.md").read_text()
+    rows = md_rows(md, "### single")
+    assert rows[0][:6] == ["1", "rome", "embedded", "zsre.json", "4", "0,1"]
+    assert rows[1] == ["2", "ft-l", "embedded", "zsre.json", "4", "0", "90.00", "45.00", "70.00", ""]
+    assert "| Locality (KL) ↓ |" in md and "| Edit Succ. ↑ |" in md
+    assert "### sequential T=8 (each edit right after it)" in md
+    assert "7 result files." in md
+    assert not stale_outputs(lb)
+
+
+def test_staleness_is_detected(tmp_path):
+    lb = _board(tmp_path)
+    (lb / "results/zsre/embedded/memit/sequential8-each_s0.json").unlink()
+    assert stale_outputs(lb) == ["README.md", "index.html"]
+    assert main(["leaderboard", "--leaderboard", str(lb), "--check"]) == 1
+    assert main(["leaderboard", "--leaderboard", str(lb), "--write"]) == 0
+    assert main(["leaderboard", "--leaderboard", str(lb), "--check"]) == 0
+
+
+def test_cli_formats_and_task_filter(tmp_path, capsys):
+    lb = _board(tmp_path)
+    assert main(["leaderboard", "--leaderboard", str(lb), "--format", "markdown", "--task", "ConvSent"]) == 0
+    out = capsys.readouterr().out
+    assert "## ConvSent (convsent)" in out and "ZsRE" not in out.split("## ConvSent")[1] and "## ZsRE" not in out
+    assert main(["leaderboard", "--leaderboard", str(lb), "--format", "html"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("<!DOCTYPE html>") and out.count("<table") == 3 and "<script>" in out
+    assert main(["leaderboard", "--leaderboard", str(lb), "--task", "zsre"]) == 0
+    out = capsys.readouterr().out
+    assert "ZsRE (zsre) · single" in out and "rome" in out and "ConvSent" not in out
+    assert main(["leaderboard", "--leaderboard", str(lb), "--task", "wikibio"]) == 1
+    assert "no results for task 'wikibio'" in capsys.readouterr().out
+
+
+def test_empty_leaderboard_and_unmeasured_never_zero(tmp_path):
+    lb = tmp_path / "lb"
+    (lb / "results").mkdir(parents=True)
+    assert build_tables(load_entries(lb)) == []
+    assert "No results submitted yet." in render_markdown([])
+    r = make_result(editor="ft-m", fluency=False)
+    submit([write(tmp_path, "a.json", r)], lb)
+    row = md_rows((lb / "README.md").read_text(), "### single")[0]
+    # no Fluency column at all when no run measured it; and no 0.00 anywhere for it
+    assert "Fluency" not in (lb / "README.md").read_text().split("### single")[1]
+    assert "0.00" not in row
+
+
+def test_submit_cli_reports_invalid_file(tmp_path, capsys):
+    r = make_result()
+    del r["model"]["revision"]
+    reseal(r)
+    f = write(tmp_path, "r.json", r)
+    assert main(["submit", str(f), "--leaderboard", str(tmp_path / "lb")]) == 1
+    assert "model.revision: required key is missing" in capsys.readouterr().out
