@@ -49,7 +49,8 @@ def editor_extras(model_name: str, lm: "LoadedModel") -> dict[str, Any]:
     """Run-wide inputs for editors: the text corpus their key statistics are computed on."""
     extras: dict[str, Any] = {}
     world = _world()
-    if model_name == EMBEDDED_MODEL and world is not None and hasattr(world, "corpus"):
-        extras["corpus"] = world.corpus
-        extras["corpus_name"] = "knowbench-world"
+    if model_name == EMBEDDED_MODEL and world is not None:
+        # the embedded model's own training text: its key statistics come from what it was trained on
+        extras["corpus"] = world.render_corpus(world.generate(world.DEFAULT_SEED), world.DEFAULT_SEED)
+        extras["corpus_name"] = f"knowbench-world-s{world.DEFAULT_SEED}"
     return extras
