@@ -572,9 +572,9 @@ def read(path: str | Path, formats: list[str] | None = None, task: str | None = 
         records, bad = _parse_qa(spec, data, source)
         n_raw = len(data)
     report = LoadReport(records=records, bad=bad, files=[path], format=spec.name, n_raw=n_raw, shared=shared)
-    if bad:
+    if bad:  # the runner warns with the full list; direct callers find it in report.bad
         n_items = len(bad) - report.n_dropped
-        log.warning(
+        log.debug(
             "%s (%s): %d of %d records skipped, %d items skipped; first: %s",
             path.name, spec.name, report.n_dropped, n_raw, n_items, bad[0],
         )
