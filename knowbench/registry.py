@@ -92,8 +92,9 @@ def group_aliases(plugins: dict[str, PluginInfo]) -> list[tuple[PluginInfo, list
         by_value.setdefault((info.dist, info.value), []).append(info)
     out = []
     for infos in by_value.values():
-        # the primary name is the shortest lower-case one; the rest are aliases
-        infos.sort(key=lambda i: (i.name != i.name.lower(), len(i.name), i.name))
+        # the primary name is the one the object itself is named after, else the shortest
+        attr = _canonical(infos[0].value.rpartition(":")[2].rpartition(".")[2])
+        infos.sort(key=lambda i: (_canonical(i.name) != attr, i.name != i.name.lower(), len(i.name), i.name))
         out.append((infos[0], [i.name for i in infos[1:]]))
     out.sort(key=lambda pair: pair[0].name)
     return out
