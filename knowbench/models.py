@@ -169,3 +169,7 @@ for _family in ("gpt2", "llama"):
 def offline_env() -> None:
     """Keep transformers from reaching for the hub when the user has asked us not to."""
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+# built-in models of the embedded world and SmolLM2 (registers builders only; loads nothing)
+from .world import model_registry  # noqa: E402,F401

@@ -1,0 +1,627 @@
+"""What ROME, MEMIT and AlphaEdit share: the target value v* = v + δ and the run-wide state.
+
+δ optimisation (DESIGN 6). For each edit (prompt x with subject s, new target y = y_1..y_m), a vector
+δ is added to the residual stream at the last subject token of every rewriting prompt
+"{prefix}{x} y_1..y_{m-1}" (one per context prefix, the bare prompt first) at the output of block l,
+and to the KL prompt "{s} is a". δ minimises
+
+    L(δ) = mean_c [ −(1/m) Σ_j log p(y_j | prefix_c, x, y_<j) ]                target NLL
+         + kl_factor · KL( p_δ(· | "{s} is a") ‖ p_0(· | "{s} is a") )         at the subject token
+         + v_weight_decay · ‖δ‖ / ‖v‖²                                         v: the initial vector
+
+with Adam (``v_lr``, ``v_num_grad_steps``: that many forward passes, one step fewer), δ projected
+back into the ball ‖δ‖ ≤ clamp_norm_factor·‖v‖ after every step, and an early stop once L < 0.05.
+Adding δ to the MLP output (ROME) and to the block output (MEMIT's z) is the same thing in every
+supported architecture, because the MLP output is added straight into the residual stream.
+
+Speed: one recorded forward pass per edit (batch) gives the keys, the initial values and the
+residual stream after block l; every optimisation step reruns only the blocks above l on it, and the
+LM head runs only at the target positions and the KL position. Several edits (MEMIT's batch) are
+optimised together with one δ per edit: their losses are independent, so this equals optimising
+each alone, with per-edit early stopping and clamping.
+
+Run-wide state kept on the editor instance: the context prefixes (sampled once, seeded), the
+second-moment statistics C per layer and their factorisations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, ClassVar, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .editor import EditContext, EditRequest, WeightEditor
+from .keys import ContextSet, Recording, lm_logits, pad_id, record, sample_prefixes, subject_indices
+from .stats import SecondMoment, default_cache_dir, resolve_corpus, second_moments
+
+log = logging.getLogger(__name__)
+
+
+# -- hyper-parameters --------------------------------------------------------------------------
+@dataclass
+class LocateHparams:
+    """Hyper-parameters shared by the locate-then-edit editors (names follow the reference)."""
+
+    layers: list[int] = field(default_factory=list)  # empty: chosen by the layer-fraction rule
+    fact_token: str = "subject_last"  # "subject_last" or "last"
+    v_num_grad_steps: int = 20
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    early_stop_loss: float = 0.05
+    mom2_adjustment: bool = True  # False: C = I
+    mom2_dataset: str = "wikipedia"  # hub corpus name or a local path (extras["corpus"] wins)
+    mom2_n_samples: int = 100000
+    mom2_dtype: str = "float32"
+    mom2_max_length: int | None = None  # tokens per text (default: the model's context)
+    # (total tokens incl. the start, count) per group of sampled prefixes
+    context_template_length_params: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+    context_template_starts: list[str] | None = None  # None: sample from BOS (ROME)
+
+
+def layer_rule(n_layers: int, editor: str) -> list[int]:
+    """Layers for a model no YAML matches, by depth fraction (between the references' choices:
+    ROME uses 17/48 on gpt2-xl and 5/32 on llama; MEMIT 5-6 layers ending there)."""
+    r = min(n_layers - 1, max(0, round(0.25 * n_layers)))
+    if editor == "rome":
+        return [r]
+    m = max(2 if n_layers >= 4 else 1, round(0.15 * n_layers))
+    return list(range(max(0, r - m + 1), r + 1))
+
+
+def _hparams_dir():
+    return resources.files("knowbench.editors") / "hparams"
+
+
+def find_hparams_file(editor: str, model: nn.Module, model_name: str) -> tuple[Any, dict] | None:
+    """The first ``{editor}-*.yaml`` whose ``match`` fits the model: a name substring of the model
+    name, or the model_type together with the layer count. Its layers must exist in this model."""
+    import yaml
+
+    name = model_name.lower()
+    model_type = getattr(model.config, "model_type", "")
+    n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for f in sorted(_hparams_dir().iterdir(), key=lambda p: p.name):
+        if not (f.name.startswith(f"{editor}-") and f.name.endswith(".yaml")):
+            continue
+        data = yaml.safe_load(f.read_text())
+        match = data.get("match", {})
+        by_name = any(s.lower() in name for s in match.get("names", []))
+        by_arch = (
+            match.get("model_type") == model_type
+            and match.get("n_layers") is not None
+            and match.get("n_layers") == n_layers
+        )
+        if not (by_name or by_arch):
+            continue
+        hp = data.get("hparams", {})
+        if n_layers is not None and any(not 0 <= l < n_layers for l in hp.get("layers", [])):
+            log.warning("%s matches %s but names layers it lacks; ignoring it", f.name, model_name)
+            continue
+        return f, hp
+    return None
+
+
+# -- δ optimisation ----------------------------------------------------------------------------
+@dataclass
+class EditBatch:
+    """Token rows for n edits × c contexts (+ one KL row per edit), padded so that every row's
+    lookup token sits in column ``split``; row r = e·c + j is edit e in context j."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    n_edits: int
+    n_ctx: int
+    subj_rows: torch.Tensor  # (n·c + n,) every row
+    subj_cols: torch.Tensor  # lookup token of every row
+    row_edit: torch.Tensor  # edit index of every row
+    tgt_rows: torch.Tensor  # positions whose next token is a target token
+    tgt_cols: torch.Tensor
+    tgt_labels: torch.Tensor
+    tgt_weight: torch.Tensor  # 1 / (m · c) for edit with m target tokens: sums to 1 per edit
+    tgt_edit: torch.Tensor
+    kl_rows: torch.Tensor  # (n,)
+    split: int = 0  # column of every row's lookup token (rows are left-padded to align it)
+
+    def bare_rows(self) -> torch.Tensor:
+        return torch.arange(self.n_edits) * self.n_ctx
+
+
+def build_batch(tok: Any, requests: Sequence[EditRequest], contexts: ContextSet, fact_token: str, device: Any) -> EditBatch:
+    from .scoring import join_prompt_target, target_spans
+
+    seqs, subj_cols, row_edit = [], [], []
+    tgt_rows, tgt_cols, tgt_labels, tgt_weight, tgt_edit = [], [], [], [], []
+    n, c = len(requests), len(contexts)
+    for i, req in enumerate(requests):
+        pairs = [(prefix + req.prompt, req.target_new) for prefix in contexts.prefixes]
+        spans = target_spans(tok, pairs)
+        texts = [join_prompt_target(p, t)[0] for p, t in pairs]
+        located = subject_indices(
+            tok, texts, [req.subject] * c, [len(p) for p in contexts.prefixes], fact_token,
+        )
+        for j, ((ids, start), (ids2, subj)) in enumerate(zip(spans, located)):
+            if list(ids2[: len(ids)]) != list(ids):
+                raise RuntimeError(f"tokenization of {texts[j]!r} is not deterministic")
+            if fact_token == "last":
+                subj = start - 1
+            if subj >= start:
+                raise ValueError(
+                    f"record {req.record_index}: the subject {req.subject!r} ends inside the target"
+                )
+            r = len(seqs)
+            seqs.append(ids[:-1])  # the last target token is predicted, never fed
+            subj_cols.append(subj)
+            row_edit.append(i)
+            m = len(ids) - start
+            for t in range(start, len(ids)):
+                tgt_rows.append(r)
+                tgt_cols.append(t - 1)
+                tgt_labels.append(ids[t])
+                tgt_weight.append(1.0 / (m * c))
+                tgt_edit.append(i)
+    kl_texts = [req.subject + " is a" for req in requests]
+    kl_located = subject_indices(tok, kl_texts, [r.subject for r in requests], None, fact_token)
+    kl_rows = []
+    for i, (ids, subj) in enumerate(kl_located):
+        kl_rows.append(len(seqs))
+        ends = len(ids)
+        while ends > 1 and ids[ends - 1] in getattr(tok, "all_special_ids", ()):
+            ends -= 1
+        seqs.append(ids[:ends])
+        subj_cols.append(subj)
+        row_edit.append(i)
+    # Align every row's lookup token on one column S by padding on the left: the columns before S
+    # are then the same for every δ, which lets the optimisation cache them (see UpperBlocks).
+    split = max(subj_cols)
+    shift = [split - c_ for c_ in subj_cols]
+    width = max(a + len(q) for a, q in zip(shift, seqs))
+    ids = torch.full((len(seqs), width), pad_id(tok), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, (a, q) in enumerate(zip(shift, seqs)):
+        ids[r, a : a + len(q)] = torch.as_tensor(q, dtype=torch.long)
+        mask[r, a : a + len(q)] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    tgt_cols = [c_ + shift[r] for r, c_ in zip(tgt_rows, tgt_cols)]
+    t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
+    return EditBatch(
+        ids.to(device), mask.to(device), pos.to(device), n, c, t(list(range(len(seqs)))),
+        t([split] * len(seqs)), t(row_edit), t(tgt_rows), t(tgt_cols), t(tgt_labels),
+        t(tgt_weight, torch.float32), t(tgt_edit), t(kl_rows), split,
+    )
+
+
+@dataclass
+class Targets:
+    """Result of the δ optimisation for n edits at block ``layer``."""
+
+    layer: int
+    init: torch.Tensor  # (n, d) the initial vector (v or z) at the bare prompt's subject token
+    delta: torch.Tensor  # (n, d)
+    rec: Recording | None  # full-width pass with block calls from MEMIT's first layer (None for ROME)
+    batch: EditBatch
+    stats: list[dict[str, Any]]
+    keys: dict[int, torch.Tensor]  # keys at every row's lookup token, per requested layer (unedited model)
+
+    @property
+    def target(self) -> torch.Tensor:
+        return self.init + self.delta
+
+
+class UpperBlocks:
+    """The forward pass of one edit batch, arranged for the δ optimisation.
+
+    Columns before the lookup column S (rows are aligned on it) never see δ, so at every block
+    above ``layer`` their attention keys and values are fixed. One pass over columns < S fills a
+    KV cache; one pass over columns ≥ S (using it) records the keys / values at the lookup token
+    (``key_layers``), the residual stream after block ``layer``, and how each upper block was
+    called. Every optimisation step then runs only the blocks above ``layer``, only on columns ≥ S
+    (the subject's last token, the rest of the prompt, the target). Where that is not possible
+    (the last layer, S = 0, or a cache type this does not understand) every column is rerun instead;
+    the two paths are checked to agree on the first edit of every editor.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Any, b: EditBatch, layer: int, state: dict,
+                 key_layers: Sequence[int] = ()):
+        self.model, self.adapter, self.b, self.layer = model, adapter, b, layer
+        self.key_layers = sorted(set(key_layers))
+        self.suffix = False
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.rec: Recording | None = None
+        if layer + 1 < adapter.n_layers and b.split > 0 and state.get("suffix_ok", True):
+            try:
+                self._prepare_suffix()
+                if "suffix_ok" not in state:  # first use: the cached path must agree with the full one
+                    self._prepare_full(with_keys=False)
+                    state["suffix_ok"] = self._agrees()
+                    if not state["suffix_ok"]:
+                        log.warning("prefix KV cache disagrees with the full pass for %s; rerunning all columns",
+                                    type(model).__name__)
+                self.suffix = state["suffix_ok"]
+            except Exception as exc:  # noqa: BLE001 - an unfamiliar cache: fall back, say why once
+                if "suffix_ok" not in state:
+                    log.info("prefix KV cache unavailable (%s: %s); rerunning all columns", type(exc).__name__, exc)
+                state["suffix_ok"] = False
+        if not self.suffix:
+            self._prepare_full(with_keys=True)
+
+    # -- preparing --------------------------------------------------------------------------------
+    def _prepare_full(self, with_keys: bool) -> None:
+        b, n = self.b, self.adapter.n_layers
+        self.rec = record(
+            self.model, self.adapter, b.input_ids, b.attention_mask, b.position_ids,
+            positions=(b.subj_rows, b.subj_cols), key_layers=self.key_layers if with_keys else (),
+            block_out_layers=[self.layer], calls_from=self.layer + 1 if self.layer + 1 < n else None,
+        )
+        self.h0 = self.rec.block_out[self.layer]
+        if with_keys:
+            self.keys, self.values = self.rec.keys, self.rec.values
+            self.lookup = self.h0[b.subj_rows, b.subj_cols]
+
+    def _prepare_suffix(self) -> None:
+        from transformers import DynamicCache
+
+        b, s = self.b, self.b.split
+        out = self.model(input_ids=b.input_ids[:, :s], attention_mask=b.attention_mask[:, :s],
+                         position_ids=b.position_ids[:, :s], use_cache=True)
+        self.prefix = [(layer.keys.detach(), layer.values.detach()) for layer in out.past_key_values.layers]
+        self._new_cache = lambda: DynamicCache(config=self.model.config)
+        self._cache = self._fresh()
+        rec = record(
+            self.model, self.adapter, b.input_ids[:, s:], b.attention_mask, b.position_ids[:, s:],
+            positions=(b.subj_rows, torch.zeros_like(b.subj_cols)), key_layers=self.key_layers,
+            block_out_layers=[self.layer], calls_from=self.layer + 1,
+            model_kwargs={"use_cache": True, "past_key_values": self._cache},
+        )
+        self.calls = rec.calls
+        self.h0s = rec.block_out[self.layer]
+        self.keys, self.values = rec.keys, rec.values
+        self.lookup = self.h0s[:, 0]
+
+    def _fresh(self):
+        cache = self._new_cache()
+        for i, (k, v) in enumerate(self.prefix):
+            cache.update(k, v, i)
+        return cache
+
+    def _run_suffix(self, h: torch.Tensor) -> torch.Tensor:
+        old, new = self._cache, self._fresh()  # each step appends to a cache holding the prefix only
+        for layer in range(self.layer + 1, self.adapter.n_layers):
+            args, kwargs = self.calls[layer]
+            args = tuple(new if a is old else a for a in args)
+            kwargs = {k: (new if v is old else v) for k, v in kwargs.items()}
+            block = self.adapter.block(layer)
+            out = block(h, *args[1:], **kwargs) if args else block(**{**kwargs, "hidden_states": h})
+            h = out[0] if isinstance(out, (tuple, list)) else out
+        return h
+
+    def _agrees(self) -> bool:
+        with torch.no_grad():
+            a_t, a_k = self(None, force_full=True)
+            b_t, b_k = self(None, force_full=False, _suffix=True)
+        scale = float(a_t.abs().max()) or 1.0
+        return bool((a_t - b_t).abs().max() <= 1e-4 * scale and (a_k - b_k).abs().max() <= 1e-4 * scale)
+
+    # -- one step ----------------------------------------------------------------------------------
+    def __call__(self, delta_rows: torch.Tensor | None, force_full: bool = False,
+                 _suffix: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual stream after the last block at the target positions and at the KL positions,
+        with ``delta_rows`` (one vector per row, or None) added after block ``layer`` at each row's
+        lookup token."""
+        b = self.b
+        if (self.suffix or _suffix) and not force_full:
+            h = self.h0s
+            if delta_rows is not None:
+                h = h.index_put((b.subj_rows, torch.zeros_like(b.subj_cols)), delta_rows.to(h.dtype), accumulate=True)
+            out = self._run_suffix(h)
+            return out[b.tgt_rows, b.tgt_cols - b.split], out[b.kl_rows, 0]
+        h = self.h0
+        if delta_rows is not None:
+            h = h.index_put((b.subj_rows, b.subj_cols), delta_rows.to(h.dtype), accumulate=True)
+        out = self.rec.replay(h, self.layer + 1) if self.layer + 1 < self.adapter.n_layers else h
+        return out[b.tgt_rows, b.tgt_cols], out[b.kl_rows, b.subj_cols[b.kl_rows]]
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return lm_logits(self.adapter, hidden)
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """No parameter gradients while δ is optimised (the flags are restored afterwards)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    for p, _ in flags:
+        p.requires_grad_(False)
+    model.eval()
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+def optimise_targets(
+    model: nn.Module,
+    editor: "LocateEditor",
+    requests: Sequence[EditRequest],
+    contexts: ContextSet,
+    layer: int,
+    init_from: str,
+    key_layers: Sequence[int],
+    calls_from: int | None = None,
+) -> Targets:
+    """Find δ for each request at the output of block ``layer`` (see the module docstring).
+
+    ``init_from``: "rewrite" (ROME: v = the rewrite module's output) or "block" (MEMIT: z = the
+    block's output). The same recorded pass captures keys at ``key_layers``."""
+    hp = editor.hparams
+    adapter = editor.adapter
+    device = next(model.parameters()).device
+    b = build_batch(editor.tok, requests, contexts, hp.fact_token, device)
+    key_layers = sorted(set(key_layers) | ({layer} if init_from == "rewrite" else set()))
+    with frozen(model), torch.no_grad():
+        rec = None
+        if calls_from is not None:  # MEMIT reruns blocks calls_from..layer at full width later
+            rec = record(
+                model, adapter, b.input_ids, b.attention_mask, b.position_ids,
+                positions=(b.subj_rows, b.subj_cols), calls_from=calls_from,
+                block_in_layers=[calls_from], stop_after=layer,
+            )
+        upper = UpperBlocks(model, adapter, b, layer, editor._runtime, key_layers)
+    with frozen(model):
+        bare = b.bare_rows().to(device)
+        init = (upper.values[layer][bare] if init_from == "rewrite" else upper.lookup[bare]).float()
+        n = len(requests)
+        delta = torch.zeros_like(init, requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=hp.v_lr)
+        init_norm = init.norm(dim=-1)
+        max_norm = hp.clamp_norm_factor * init_norm
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        kl_init = None
+        first_nll = None
+        done_at = torch.full((n,), -1, dtype=torch.long, device=device)  # Adam steps taken when done
+        it = 0
+        with torch.enable_grad():
+            for it in range(max(1, hp.v_num_grad_steps)):
+                h_tgt, h_kl = upper(delta[b.row_edit])
+                # logits only where the loss reads them: target positions and KL positions
+                logp = torch.log_softmax(upper.head(h_tgt).float(), dim=-1)
+                tok_lp = logp.gather(-1, b.tgt_labels[:, None])[:, 0]
+                nll = torch.zeros(n, device=device).index_add(0, b.tgt_edit, -tok_lp * b.tgt_weight)
+                kl_lp = torch.log_softmax(upper.head(h_kl).float(), dim=-1)
+                if kl_init is None:
+                    kl_init = kl_lp.detach()
+                    first_nll = nll.detach().clone()
+                kl = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)  # KL(current ‖ initial)
+                wd = hp.v_weight_decay * delta.norm(dim=-1) / init_norm**2
+                loss = nll + hp.kl_factor * kl + wd
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("δ step %d: loss %s nll %s kl %s ‖δ‖ %s", it, _fmt(loss), _fmt(nll), _fmt(kl),
+                              _fmt(delta.norm(dim=-1)))
+                newly = (loss.detach() < hp.early_stop_loss) & ~done
+                done_at[newly] = it
+                done |= newly
+                if it >= hp.v_num_grad_steps - 1 or bool(done.all()):
+                    break
+                opt.zero_grad()
+                (loss * (~done).float()).sum().backward()
+                before = delta.detach().clone()
+                opt.step()
+                with torch.no_grad():
+                    delta[done] = before[done]  # finished edits keep their δ
+                    norms = delta.norm(dim=-1)
+                    scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
+                    delta.mul_(scale[:, None])
+    nll, kl, loss, delta = nll.detach(), kl.detach(), loss.detach(), delta.detach()
+    # the bare prompt's own NLL (row e·c of each edit): what a teacher-forced score reads
+    row_nll = torch.zeros(b.input_ids.shape[0], device=device).index_add(
+        0, b.tgt_rows, -tok_lp.detach() * b.tgt_weight * b.n_ctx)
+    bare_nll = row_nll[b.bare_rows().to(device)]
+    stats = [
+        {
+            "nll_init": round(float(first_nll[i]), 4),
+            "nll_final": round(float(nll[i]), 4),
+            "nll_bare_final": round(float(bare_nll[i]), 4),
+            "kl_final": round(float(kl[i]), 5),
+            "loss_final": round(float(loss[i]), 4),
+            "steps": int(done_at[i]) if done_at[i] >= 0 else it,
+            "early_stop": bool(done_at[i] >= 0),
+            "delta_norm": round(float(delta[i].norm()), 4),
+            "init_norm": round(float(init_norm[i]), 4),
+        }
+        for i in range(n)
+    ]
+    return Targets(layer, init.detach(), delta.detach(), rec, b, stats, upper.keys)
+
+
+def _fmt(t: torch.Tensor) -> str:
+    return "[" + " ".join(f"{float(x):.3f}" for x in t.detach().reshape(-1)[:8]) + "]"
+
+
+def weighted_keys(keys: torch.Tensor, batch: EditBatch, contexts: ContextSet) -> torch.Tensor:
+    """k* per edit: the context-weighted mean of the keys at the subject token, (n, d_in).
+    ``keys`` has one row per batch row (n·c context rows first, then the KL rows)."""
+    n, c = batch.n_edits, batch.n_ctx
+    w = torch.tensor(contexts.weights, dtype=torch.float64, device=keys.device)
+    return (keys[: n * c].double().reshape(n, c, -1) * w[None, :, None]).sum(1)
+
+
+# -- the editor base ---------------------------------------------------------------------------
+class LocateEditor(WeightEditor):
+    """Base of ROME / MEMIT / AlphaEdit: hparams by model family, contexts and C kept for the run.
+
+    Reads from ``EditContext.extras``: ``corpus`` (list of texts or a path to .txt/.json/.jsonl
+    files), ``corpus_name``, ``stats_source`` ("auto" | "corpus" | "wikipedia" | "wikitext" |
+    "model"), ``stats_samples`` (overrides ``mom2_n_samples``), ``stats_progress`` (bool).
+    Statistics are cached under ``EditContext.cache_dir`` (default ``$KNOWBENCH_CACHE/stats`` or
+    ``~/.cache/knowbench/stats``).
+    """
+
+    name: ClassVar[str] = "locate"
+    hparams_cls: ClassVar[type] = LocateHparams
+    grouped_contexts: ClassVar[bool] = False  # MEMIT/AlphaEdit: bare prompt weighs 1/2 in k
+
+    def __init__(self, model: nn.Module, tokenizer: Any, hparams: Any, context: EditContext):
+        if not dataclasses.is_dataclass(hparams):
+            raise TypeError(f"{self.name}: hparams must be a {self.hparams_cls.__name__}")
+        super().__init__(model, tokenizer, hparams, context)
+        n = self.adapter.n_layers
+        layers = list(hparams.layers) or layer_rule(n, self.name)
+        bad = [l for l in layers if not -n <= l < n]
+        if bad:
+            raise ValueError(f"{self.name}: layers {bad} do not exist in this {n}-layer model")
+        self.layers = sorted(l % n for l in layers)
+        if hparams.fact_token not in ("subject_last", "last"):
+            raise ValueError(f"{self.name}: fact_token must be 'subject_last' or 'last'")
+        self._contexts: ContextSet | None = None
+        self._stats: dict[int, SecondMoment] = {}
+        self._stats_info: dict[str, Any] = {}
+        self._applied = 0
+        self._runtime: dict[str, Any] = {}  # e.g. whether the prefix KV cache path checked out
+
+    # -- defaults ---------------------------------------------------------------------------
+    @classmethod
+    def default_hparams(cls, model: nn.Module, model_name: str = "") -> Any:
+        """The YAML for this model family (editors/hparams/{editor}-*.yaml), else the defaults with
+        layers from :func:`layer_rule`."""
+        found = find_hparams_file(cls.name, model, model_name)
+        if found is None:
+            n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer")
+            return cls.hparams_cls(layers=layer_rule(n, cls.name))
+        f, values = found
+        fields = {f.name for f in dataclasses.fields(cls.hparams_cls)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ValueError(f"{f}: unknown hyper-parameter(s) {', '.join(unknown)}")
+        return cls.hparams_cls(**values)
+
+    # -- run-wide state ---------------------------------------------------------------------
+    def contexts(self) -> ContextSet:
+        """Prefixes sampled once per run from the model (seeded with the run's seed)."""
+        if self._contexts is None:
+            hp = self.hparams
+            prefixes = sample_prefixes(
+                self.model, self.tok, hp.context_template_length_params,
+                seed=self.context.seed, starts=hp.context_template_starts,
+            )
+            make = ContextSet.grouped if self.grouped_contexts else ContextSet.flat
+            self._contexts = make(prefixes, seed=self.context.seed)
+        return self._contexts
+
+    def stats_layers(self) -> list[int]:
+        return self.layers
+
+    def uses_stats(self) -> bool:
+        """Whether this editor needs C (ROME / MEMIT: only with mom2_adjustment)."""
+        return bool(self.hparams.mom2_adjustment)
+
+    def stat(self, layer: int) -> SecondMoment:
+        """C of ``layer``, computed (with every other layer of this editor) on first use."""
+        if layer not in self._stats:
+            self._compute_stats()
+        return self._stats[layer]
+
+    def second_moment(self, layer: int) -> SecondMoment | None:
+        """C of ``layer`` as the update uses it: None when mom2_adjustment is off (C = I)."""
+        return self.stat(layer) if self.hparams.mom2_adjustment else None
+
+    def prepare(self) -> None:
+        """Compute or load everything fixed for the run (C per layer and its factorisation, the
+        context prefixes). Called by the first ``apply``; a runner may call it earlier so the first
+        edit's time is the edit alone."""
+        self.contexts()
+        if self.uses_stats():
+            self._compute_stats()
+
+    def _compute_stats(self) -> None:
+        if all(l in self._stats for l in self.stats_layers()):
+            return
+        hp, extras = self.hparams, self.context.extras
+        n = int(extras.get("stats_samples") or hp.mom2_n_samples)
+        if str(extras.get("stats_source", "")).lower() == "model" and not extras.get("stats_samples"):
+            n = min(n, 1000)  # generating is slow; enough for d ≲ 4k, recorded in provenance
+        t0 = time.perf_counter()
+        corpus = resolve_corpus(extras, hp.mom2_dataset, n, self.model, self.tok)
+        stats = second_moments(
+            self.model, self.tok, self.stats_layers(), corpus, n_samples=n, dtype=hp.mom2_dtype,
+            max_length=hp.mom2_max_length,
+            cache_dir=self.context.cache_dir or default_cache_dir(),
+            model_name=self.context.model_name, progress=bool(extras.get("stats_progress", True)),
+            device=next(self.model.parameters()).device,
+        )
+        for sm in stats.values():
+            sm.cholesky()  # factorise once per layer, now
+        self._stats.update(stats)
+        self._stats_info = {
+            "corpus": corpus.name, "model_sampled": corpus.model_sampled,
+            "n_samples": next(iter(stats.values())).meta.get("n_samples"),
+            "layers": {str(l): s.provenance() for l, s in stats.items()},
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        if corpus.model_sampled:
+            log.warning("%s: key statistics computed on text sampled from the model itself", self.name)
+
+    def provenance(self) -> dict[str, Any]:
+        """What a result file needs to reproduce this editor's fixed inputs."""
+        ctx = self.contexts()
+        return {
+            "layers": self.layers,
+            "modules": [self.adapter.rewrite_name(l) for l in self.layers],
+            "stats": self._stats_info if self.uses_stats() else {"C": "identity (mom2_adjustment off)"},
+            "context_templates": ctx.prefixes,
+            "context_weights": [round(w, 6) for w in ctx.weights],
+            "context_seed": ctx.seed,
+        }
+
+    def _info(self, extra: dict[str, Any]) -> dict[str, Any]:
+        info = {"editor": self.name, "layers": self.layers, **extra,
+                "context_templates_sha": self.contexts().sha}
+        if self._applied == 0:
+            info["provenance"] = self.provenance()  # full provenance once per run, not per edit
+        self._applied += 1
+        return info
+
+    def check_requests(self, requests: Sequence[EditRequest]) -> None:
+        """Every request must name its subject inside its prompt and have a target; checked before
+        any weight changes."""
+        if not requests:
+            raise ValueError(f"{self.name}: no requests to apply")
+        for req in requests:
+            where = f"record {req.record_index}" if req.record_index >= 0 else f"request {req.prompt!r}"
+            if not req.target_new or not req.target_new.strip():
+                raise ValueError(f"{self.name}: {where} has an empty target_new")
+            if self.hparams.fact_token == "subject_last":
+                if not req.subject:
+                    raise ValueError(f"{self.name}: {where} has no subject; {self.name} edits the key at the subject's last token")
+                if req.subject not in req.prompt:
+                    raise ValueError(
+                        f"{self.name}: {where}: subject {req.subject!r} does not occur in prompt {req.prompt!r}"
+                    )
+
+    @torch.no_grad()
+    def rewrite_out(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
+        """W k + b of the rewrite module as it is now, in float64, for keys (n, d_in)."""
+        mod = self.adapter.rewrite_module(layer)
+        w = mod.weight
+        return mod(keys.to(dtype=w.dtype, device=w.device)).double()
+
+    def write(self, layer: int, delta_w: torch.Tensor) -> str:
+        """W += ΔW (Linear layout); the parameter is snapshotted first for restore()."""
+        name = self.adapter.rewrite_param_name(layer)
+        p = self.param(name)
+        if not torch.isfinite(delta_w).all():
+            raise FloatingPointError(f"{self.name}: update for {name} is not finite; nothing written")
+        self.adapter.add_to_rewrite_weight(layer, delta_w)
+        assert p is not None
+        return name

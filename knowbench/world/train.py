@@ -1,0 +1,270 @@
+"""``knowbench world build``: train the tokenizer and the small GPT-2 model that knows the world.
+
+Steps: (1) render the corpus (``corpus.py``), (2) train a byte-level BPE tokenizer on it with the
+``tokenizers`` library, (3) train a ``GPT2LMHeadModel`` from scratch with the causal LM loss on
+texts packed from a fresh epoch of the corpus at a time, AdamW with linear warm-up and cosine
+decay, (4) save the model (float16 safetensors, loaded as float32), the tokenizer, the six task
+files and ``build_info.json``.
+
+Determinism: torch's seed, a fixed thread count, no dropout, and a data order that is a pure
+function of the seed (each epoch's texts come from ``random.Random(f"...{seed}-{epoch}")``), so the
+same seed, steps and thread count reproduce the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .corpus import epoch_units, pack, render_corpus
+from .world import World, generate
+
+EOS = "<|endoftext|>"
+
+
+@dataclass
+class BuildConfig:
+    seed: int = 0
+    steps: int = 3600
+    batch_size: int = 16  # small batches: more updates per epoch memorise facts in fewer epochs
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.05
+    warmup: int = 200
+    weight_decay: float = 0.01
+    vocab_size: int = 5000  # large enough that (nearly) every invented name is one token
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    n_inner: int | None = None  # MLP width (default 4 × n_embd)
+    n_positions: int = 128
+    max_len: int = 96  # tokens per training text (longer texts are cut)
+    threads: int = 2
+    tokenizer_epochs: int = 2  # corpus epochs the tokenizer is trained on
+    save_fp16: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- tokenizer -----------------------------------------------------------------------------------
+def train_tokenizer(texts: list[str], vocab_size: int) -> Any:
+    """A GPT-2-style byte-level BPE tokenizer (no BOS added, EOS = pad) trained on ``texts``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(texts, trainer=trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=EOS, eos_token=EOS, unk_token=EOS, pad_token=EOS,
+        padding_side="right",
+    )
+    tok.model_max_length = 1024
+    return tok
+
+
+# -- model ---------------------------------------------------------------------------------------
+def make_model(cfg: BuildConfig, tok: Any) -> Any:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gcfg = GPT2Config(
+        vocab_size=len(tok), n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, n_inner=cfg.n_inner or 4 * cfg.n_embd, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+    )
+    return GPT2LMHeadModel(gcfg)
+
+
+def batches(world: World, tok: Any, cfg: BuildConfig) -> Iterator[tuple[Any, Any, int]]:
+    """(input_ids, labels, epoch) batches forever, epoch after epoch, in seeded order.
+
+    Each text ends with EOS; padding (also EOS) is masked out of the loss with -100."""
+    import torch
+
+    epoch = 0
+    while True:
+        texts = pack(epoch_units(world, cfg.seed, epoch), cfg.seed, epoch)
+        enc = tok([t + EOS for t in texts], add_special_tokens=False)["input_ids"]
+        enc = [ids[: cfg.max_len] for ids in enc]
+        for chunk in _length_buckets(enc, cfg.batch_size, random.Random(f"knowbench-batches-{cfg.seed}-{epoch}")):
+            width = max(len(x) for x in chunk)
+            ids = torch.full((len(chunk), width), tok.eos_token_id, dtype=torch.long)
+            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+            for r, x in enumerate(chunk):
+                ids[r, : len(x)] = torch.tensor(x)
+                labels[r, : len(x)] = torch.tensor(x)
+            yield ids, labels, epoch
+        epoch += 1
+
+
+def _length_buckets(enc: list[list[int]], batch_size: int, rng: random.Random, window: int = 16) -> list[list[list[int]]]:
+    """Batches of texts of similar length (less padding to compute), in a seeded random order.
+
+    Texts are sorted by length within windows of ``window`` batches, cut into batches, and the
+    batches shuffled; a last incomplete batch is dropped."""
+    out = []
+    span = batch_size * window
+    for w in range(0, len(enc), span):
+        block = sorted(enc[w : w + span], key=len)
+        out.extend(block[i : i + batch_size] for i in range(0, len(block) - batch_size + 1, batch_size))
+    rng.shuffle(out)
+    return out
+
+
+def lr_at(step: int, cfg: BuildConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def train(world: World, tok: Any, cfg: BuildConfig, progress: bool = True,
+          callback: Any = None, callback_every: int = 0) -> tuple[Any, dict]:
+    """Train a fresh model for ``cfg.steps`` steps; returns the model and training stats."""
+    import torch
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # padding-mask / loss-type notices do not apply here
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = make_model(cfg, tok)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.98),
+    )
+    stream = batches(world, tok, cfg)
+    losses: list[float] = []
+    tokens = 0
+    epoch = 0
+    start = time.time()
+    with _progress(progress) as bar:
+        task = bar.add_task("training world model", total=cfg.steps, loss=float("nan"), epoch=0)
+        for step in range(cfg.steps):
+            ids, labels, epoch = next(stream)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            loss = model(input_ids=ids, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(loss.item())
+            tokens += int((labels != -100).sum())
+            if step % 10 == 0 or step == cfg.steps - 1:
+                recent = sum(losses[-50:]) / len(losses[-50:])
+                bar.update(task, completed=step + 1, loss=recent, epoch=epoch)
+            if callback is not None and callback_every and (step + 1) % callback_every == 0:
+                model.eval()
+                callback(step + 1, model, sum(losses[-50:]) / len(losses[-50:]))
+                model.train()
+    model.eval()
+    stats = {
+        "train_seconds": round(time.time() - start, 1),
+        "final_loss": round(sum(losses[-100:]) / max(1, len(losses[-100:])), 4),
+        "epochs_seen": epoch + 1,
+        "tokens_seen": tokens,
+    }
+    return model, stats
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f} epoch {task.fields[epoch]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(),
+        console=Console(stderr=True), disable=not enabled,
+    )
+
+
+# -- the whole build -----------------------------------------------------------------------------
+def build(out_dir: str | Path, seed: int = 0, steps: int | None = None, config: BuildConfig | None = None,
+          progress: bool = True, evaluate: bool = True, eval_every: int = 0) -> dict:
+    """Generate the world, write its task files, train tokenizer + model, save all under
+    ``out_dir`` (``model/``, ``tasks/``, ``build_info.json``); returns the build info."""
+    import torch
+
+    from .tasks import write_tasks
+
+    cfg = config or BuildConfig()
+    cfg.seed = seed
+    if steps is not None:
+        cfg.steps = steps
+    torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    out = Path(out_dir)
+    world = generate(seed)
+    write_tasks(world, out / "tasks")
+    tok = train_tokenizer(render_corpus(world, seed, epochs=cfg.tokenizer_epochs), cfg.vocab_size)
+    callback = _monitor(world, tok, seed) if eval_every else None
+    model, stats = train(world, tok, cfg, progress=progress, callback=callback, callback_every=eval_every)
+    model_dir = out / "model"
+    save_model(model, tok, model_dir, fp16=cfg.save_fp16)
+    info: dict[str, Any] = {
+        "seed": seed,
+        "config": asdict(cfg),
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tok),
+        **stats,
+        "build_seconds": round(time.time() - t0, 1),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if evaluate:
+        from .evaluate import evaluate_world
+
+        info["accuracy"] = evaluate_world(model, tok, world).as_dict()
+    (out / "build_info.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    print(f"world model written to {out} in {info['build_seconds']:.0f} s", file=sys.stderr)
+    return info
+
+
+def _monitor(world: World, tok: Any, seed: int):
+    """A callback logging the accuracy on a fixed sample of the known facts (does not touch the
+    training state, so the run stays deterministic)."""
+    from .evaluate import evaluate_probes
+    from .tasks import build_tasks
+
+    _, probes = build_tasks(world)
+    rng = random.Random(f"knowbench-monitor-{seed}")
+    sample = rng.sample([p for p in probes if "/" in p.group], 400) + rng.sample(
+        [p for p in probes if p.group in ("rephrase", "held_out")], 200)
+    t0 = time.time()
+
+    def cb(step: int, model: Any, loss: float) -> None:
+        acc = evaluate_probes(model, tok, sample)
+        parts = ", ".join(f"{g} {v:.1f}" for g, v in sorted(acc.groups.items()) if "/" not in g)
+        print(f"step {step} ({time.time() - t0:.0f} s) loss {loss:.3f}: {parts}", file=sys.stderr, flush=True)
+
+    return cb
+
+
+def save_model(model: Any, tok: Any, model_dir: Path, fp16: bool = True) -> None:
+    import copy
+
+    import torch
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    m = copy.deepcopy(model).to(torch.float16) if fp16 else model
+    m.save_pretrained(model_dir, safe_serialization=True)
+    tok.save_pretrained(model_dir)

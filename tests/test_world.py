@@ -1,0 +1,208 @@
+"""The embedded world: deterministic generation, KnowEdit-schema task files that load cleanly,
+a corpus without held-out templates, a few real build steps, and the shipped model's knowledge."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from knowbench.world import (
+    BUILD_INFO,
+    DATA_DIR,
+    DEFAULT_SEED,
+    MODEL_DIR,
+    TASK_FILES,
+    build_tasks,
+    default_task_file,
+    generate,
+    world_main,
+    write_tasks,
+)
+from knowbench.world.corpus import epoch_units
+from knowbench.world.templates import RELATIONS
+
+SHIPPED = (MODEL_DIR / "model.safetensors").exists()
+needs_shipped = pytest.mark.skipif(not SHIPPED, reason="no shipped world model (run `knowbench world build`)")
+
+
+@pytest.fixture(scope="module")
+def world():
+    return generate(DEFAULT_SEED)
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory, world):
+    out = tmp_path_factory.mktemp("world_tasks")
+    write_tasks(world, out)
+    return out
+
+
+def test_same_seed_gives_byte_identical_files(task_dir, tmp_path):
+    write_tasks(generate(DEFAULT_SEED), tmp_path / "again")
+    write_tasks(generate(DEFAULT_SEED + 1), tmp_path / "other")
+    for name in TASK_FILES.values():
+        first = (task_dir / name).read_bytes()
+        assert first == (tmp_path / "again" / name).read_bytes(), name
+        assert first != (tmp_path / "other" / name).read_bytes(), name
+
+
+def test_sizes_and_schemas(task_dir):
+    load = lambda task: json.loads((task_dir / TASK_FILES[task]).read_text())  # noqa: E731
+    zsre = load("zsre")
+    assert len(zsre) >= 1000
+    assert len({r["subject"] for r in zsre}) == len(zsre)  # distinct subjects
+    for r in zsre:
+        assert r["subject"] in r["prompt"] and r["prompt"].endswith("?")
+        assert isinstance(r["ground_truth"], list) and all(isinstance(a, str) for a in r["ground_truth"])
+        assert r["target_new"] != r["ground_truth"][0]
+        assert r["rephrase_prompt"] != r["prompt"] and r["subject"] in r["rephrase_prompt"]
+        assert r["cond"].endswith(" || " + r["prompt"])
+        for it in r["locality"]["Relation_Specificity"]:
+            assert isinstance(it["ground_truth"], list)
+        for items in r["portability"].values():
+            assert all(isinstance(it["ground_truth"], str) for it in items)
+    keys = {k for r in zsre for k in r["portability"]}
+    assert keys == {"Reasoning", "Subject_Aliasing", "Logical_Generalization"}
+
+    cf = load("counterfact")
+    assert len(cf) >= 200
+    assert {k for r in cf for k in r["locality"]} == {"Relation_Specificity", "Forgetfulness"}
+    for r in cf:
+        assert r["subject"] in r["prompt"] and isinstance(r["ground_truth"], str)
+        for sec in ("portability", "locality"):
+            for items in r[sec].values():
+                assert all(isinstance(it["ground_truth"], str) for it in items)
+
+    recent = load("wiki_recent")
+    assert len(recent) >= 200 and all("ground_truth" not in r for r in recent)
+    assert any(not r["portability"] for r in recent)  # like KnowEdit, some records have none
+    for r in recent:
+        for sec in ("portability", "locality"):
+            for items in r[sec].values():
+                for it in items:
+                    gt = it["ground_truth"]
+                    assert isinstance(gt, list) and all(isinstance(a, list) and a and all(a) for a in gt)
+
+    bio = load("wikibio")
+    assert len(bio) >= 200
+    for r in bio:
+        assert r["concept"] in r["text"] and 15 <= len(r["labels"].split()) <= 30
+
+    conv = load("convsent")
+    assert len(conv) >= 200 and all(r["pos"] and r["neg"] for r in conv)
+
+    san = load("sanitation")
+    assert len(san["success"]) >= 200 and len(san["locality"]) >= 200
+    assert all(it["target_new"] == "I don't know." for it in san["success"])
+
+
+def test_every_file_loads_with_zero_bad_records(task_dir):
+    knowedit = pytest.importorskip("knowbench.tasks.knowedit")
+    for task, name in TASK_FILES.items():
+        t = knowedit.TASKS[task]
+        rep = t.load(task_dir)  # found by its KnowEdit file name inside the folder
+        assert Path(rep.files[0]).name == name
+        assert rep.bad == [], [str(b) for b in rep.bad[:5]]
+        assert len(rep.records) == rep.n_raw >= 200
+
+
+def _held_out_patterns():
+    return [re.compile(re.escape(t).replace(re.escape("{s}"), ".+")) for r in RELATIONS.values() for t in r.held_out]
+
+
+def test_held_out_templates_never_in_corpus(world):
+    units = epoch_units(world, DEFAULT_SEED, 0) + epoch_units(world, DEFAULT_SEED, 1)
+    text = "\n".join(units)
+    for r in RELATIONS.values():
+        for t in r.held_out:
+            assert not re.search(re.escape(t).replace(re.escape("{s}"), "[A-Z][^\n]*?"), text), t
+    # while the trained templates are all there
+    for r in RELATIONS.values():
+        for t in r.trained:
+            assert re.search(re.escape(t).replace(re.escape("{s}"), "[A-Z][^\n]*?"), text), t
+
+
+def test_known_fact_probes_use_only_trained_templates(world):
+    _, probes = build_tasks(world)
+    known = [p for p in probes if "/" in p.group]
+    assert len(known) > 5000
+    patterns = _held_out_patterns()
+    assert not [p.prompt for p in known for pat in patterns if pat.fullmatch(p.prompt)]
+    assert all(any(pat.fullmatch(p.prompt) for pat in patterns) for p in probes if p.group == "held_out")
+
+
+def test_default_task_file_maps_every_task_and_spelling():
+    for name in ("zsre", "wiki_recent", "wikidata_recent", "recent", "counterfact", "wikidata_counterfact",
+                 "wikibio", "convsent", "sanitation"):
+        assert default_task_file(name).exists()
+    with pytest.raises(KeyError, match="no task"):
+        default_task_file("mquake")
+
+
+def test_shipped_tasks_match_the_generator(tmp_path):
+    write_tasks(generate(DEFAULT_SEED), tmp_path)
+    for task, name in TASK_FILES.items():
+        assert default_task_file(task).read_bytes() == (tmp_path / name).read_bytes(), name
+
+
+@needs_shipped
+def test_shipped_data_is_small_and_reports_its_quality():
+    size = sum(p.stat().st_size for p in DATA_DIR.rglob("*") if p.is_file())
+    assert size <= 20 * 2**20
+    info = json.loads(BUILD_INFO.read_text())
+    assert info["config"]["n_layer"] >= 4
+    assert info["accuracy"]["known"]["accuracy"] >= 95.0
+
+
+@needs_shipped
+def test_shipped_model_loads_and_knows_its_facts(world):
+    from knowbench.models import load_model
+    from knowbench.world.evaluate import evaluate_probes
+
+    lm = load_model("embedded")
+    assert lm.source == "builtin" and lm.revision.startswith("world-seed")
+    assert next(lm.model.parameters()).dtype.is_floating_point
+    assert lm.model.config.n_layer >= 4
+    _, probes = build_tasks(world)
+    sample = random.Random(1).sample([p for p in probes if "/" in p.group], 300)
+    acc = evaluate_probes(lm.model, lm.tokenizer, sample)
+    assert acc.known >= 93.0
+    # and it is no lookup table of strings: wrong answers score low
+    wrong = [type(p)(p.prompt, "Nonexistent", p.group) for p in sample[:50]]
+    assert evaluate_probes(lm.model, lm.tokenizer, wrong).known < 30.0
+
+
+def _tiny_config(steps: int):
+    from knowbench.world.train import BuildConfig
+
+    return BuildConfig(steps=steps, batch_size=8, warmup=2, vocab_size=400, n_layer=2, n_embd=32, n_head=2,
+                       n_positions=128, threads=1, tokenizer_epochs=1)
+
+
+def test_a_few_build_steps_are_deterministic(tmp_path):
+    from safetensors.torch import load_file
+
+    from knowbench.world.train import build
+
+    infos = [build(tmp_path / str(i), seed=3, config=_tiny_config(3), progress=False, evaluate=False) for i in range(2)]
+    assert infos[0]["final_loss"] == infos[1]["final_loss"] and infos[0]["final_loss"] > 0
+    a = load_file(tmp_path / "0" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "1" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    assert (tmp_path / "0" / "tasks" / TASK_FILES["zsre"]).exists()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "0" / "model")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "0" / "model")
+    ids = tok("Where was it born?", return_tensors="pt")["input_ids"]
+    assert model(ids).logits.shape[-1] == len(tok)
+
+
+def test_cli_tasks_and_eval(tmp_path, capsys):
+    assert world_main(["tasks", "--out", str(tmp_path / "t"), "--seed", "5"]) == 0
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == sorted(TASK_FILES.values())
+    assert world_main(["eval", "--model", str(tmp_path / "nothing")]) == 2
