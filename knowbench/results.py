@@ -85,20 +85,36 @@ def peak_memory_mb() -> float:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
-def write_json_atomic(path: str | Path, data: Any) -> Path:
-    """Write to a temporary file beside ``path`` and rename, so a crash never leaves half a file."""
+def _write_atomic(path: str | Path, write: Any) -> Path:
+    """Write through ``write(file)`` to a temporary file beside ``path``, then rename, so a crash
+    never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, ensure_ascii=False, default=_jsonable)
-            f.write("\n")
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    def write(f):
+        json.dump(data, f, indent=1, ensure_ascii=False, default=_jsonable)
+        f.write("\n")
+
+    return _write_atomic(path, write)
+
+
+def write_jsonl_atomic(path: str | Path, rows: list[dict[str, Any]]) -> Path:
+    def write(f):
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=_jsonable) + "\n")
+
+    return _write_atomic(path, write)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -107,18 +123,3 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def write_jsonl_atomic(path: str | Path, rows: list[dict[str, Any]]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False, default=_jsonable) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
