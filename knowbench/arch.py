@@ -91,9 +91,11 @@ class ArchAdapter:
         modules = dict(model.named_modules())
         missing = [
             name
-            for name in (spec.blocks, spec.rewrite.format(i=0), spec.final_norm, spec.lm_head)
+            for name in (spec.blocks, spec.rewrite.format(i=0), spec.final_norm)
             if name not in modules
         ]
+        if self._output_embeddings(model, modules) is None:
+            missing.append(spec.lm_head)
         if missing:
             raise UnsupportedArchitecture(
                 f"{type(model).__name__} (model_type {model_type!r}) lacks the modules knowbench "
@@ -124,9 +126,15 @@ class ArchAdapter:
     def rewrite_module(self, layer: int) -> nn.Module:
         return self.module(self.rewrite_name(layer))
 
+    @staticmethod
+    def _output_embeddings(model: nn.Module, modules: dict[str, nn.Module]) -> nn.Module | None:
+        # transformers renames heads across versions (GPT-NeoX: embed_out -> lm_head); ask the model
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return head if head is not None else modules.get(ARCHS[model.config.model_type].lm_head)
+
     @property
     def lm_head(self) -> nn.Module:
-        return self.module(self.spec.lm_head)
+        return self._output_embeddings(self.model, self._modules)
 
     @property
     def final_norm(self) -> nn.Module:

@@ -52,3 +52,30 @@ def test_unsupported_architecture_is_clear():
 
     with pytest.raises(UnsupportedArchitecture, match="mamba.*rewrite module.*Supported families"):
         ArchAdapter(Fake())
+
+
+FAMILIES = {
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64, head_dim=8)),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_declared_family_resolves(family):
+    """Tiny random configs of the other supported families: names exist and v = W k holds."""
+    import transformers
+
+    cfg_name, model_name, kw = FAMILIES[family]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(getattr(transformers, cfg_name)(vocab_size=64, **kw)).eval()
+    a = ArchAdapter(model)
+    assert a.model_type == family and a.n_layers == 2
+    module = a.rewrite_module(1)
+    k = torch.randn(2, a.key_dim(1))
+    bias = module.bias if getattr(module, "bias", None) is not None else 0
+    with torch.no_grad():
+        assert torch.allclose(module(k), k @ a.rewrite_weight(1).T + bias, atol=1e-6)
+    assert a.lm_head is not None and a.final_norm is not None
