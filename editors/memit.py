@@ -44,6 +44,17 @@ class MEMIT(LocateEditor):
     supports_batch: ClassVar[bool] = True
     grouped_contexts: ClassVar[bool] = True
 
+    @classmethod
+    def rule_hparams(cls, model: Any, layers: list[int]) -> MEMITHparams:
+        """λ scales with the key width: what matters is kᵀC⁻¹k / λ (≈ d_in for a typical key),
+        so the references' λ = 15000-20000 for d_in = 6400-16384 would leave a small model's
+        update almost nothing to write. λ = 2·d_in sits inside the references' range of λ / d_in
+        (0.9 for GPT-J, 1.4 for Llama-7B, 3.1 for GPT-2 XL)."""
+        from knowbench.arch import ArchAdapter
+
+        d_in = ArchAdapter(model).key_dim(layers[-1])
+        return cls.hparams_cls(layers=layers, mom2_update_weight=float(2 * d_in))
+
     def apply(self, requests: list[EditRequest]) -> EditOutcome:
         self.check_requests(requests)
         self.prepare()

@@ -446,7 +446,7 @@ def optimise_targets(
 
 
 def _fmt(t: torch.Tensor) -> str:
-    return "[" + " ".join(f"{float(x):.3f}" for x in t.detach().reshape(-1)[:8]) + "]"
+    return "[" + " ".join(f"{float(x):.5f}" for x in t.detach().reshape(-1)[:8]) + "]"
 
 
 def weighted_keys(keys: torch.Tensor, batch: EditBatch, contexts: ContextSet) -> torch.Tensor:
@@ -498,13 +498,18 @@ class LocateEditor(WeightEditor):
         found = find_hparams_file(cls.name, model, model_name)
         if found is None:
             n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer")
-            return cls.hparams_cls(layers=layer_rule(n, cls.name))
-        f, values = found
+            return cls.rule_hparams(model, layer_rule(n, cls.name))
+        path, values = found
         fields = {f.name for f in dataclasses.fields(cls.hparams_cls)}
         unknown = sorted(set(values) - fields)
         if unknown:
-            raise ValueError(f"{f}: unknown hyper-parameter(s) {', '.join(unknown)}")
+            raise ValueError(f"{path}: unknown hyper-parameter(s) {', '.join(unknown)}")
         return cls.hparams_cls(**values)
+
+    @classmethod
+    def rule_hparams(cls, model: nn.Module, layers: list[int]) -> Any:
+        """Defaults for a model without a YAML: the reference numbers with ``layers``."""
+        return cls.hparams_cls(layers=layers)
 
     # -- run-wide state ---------------------------------------------------------------------
     def contexts(self) -> ContextSet:

@@ -89,3 +89,16 @@ def test_restore_and_provenance(tiny, tmp_path):
     assert "provenance" not in out2.info  # full provenance once per run
     ed.restore()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_default_hparams_reference_and_rule(tiny):
+    from types import SimpleNamespace
+
+    model, tok = tiny
+    hp = MEMIT.default_hparams(model, "random-x")  # no YAML: layer rule, λ from the key width
+    assert hp.layers == [0, 1] and hp.mom2_update_weight == 2 * ArchAdapter(model).key_dim(1)
+    assert hp.clamp_norm_factor == 0.75 and hp.context_template_starts == ["The", "Therefore", "Because", "I", "You"]
+    xl = MEMIT.default_hparams(SimpleNamespace(config=SimpleNamespace(model_type="gpt2", n_layer=48)), "gpt2-xl")
+    assert xl.layers == [13, 14, 15, 16, 17] and xl.mom2_update_weight == 20000
+    gptj = MEMIT.default_hparams(SimpleNamespace(config=SimpleNamespace(model_type="gptj", n_layer=28)), "EleutherAI/gpt-j-6b")
+    assert gptj.layers == [3, 4, 5, 6, 7, 8] and gptj.mom2_update_weight == 15000 and gptj.v_num_grad_steps == 25
