@@ -28,7 +28,7 @@ import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -123,16 +123,33 @@ class SecondMoment:
 # -- corpora -----------------------------------------------------------------------------------
 @dataclass
 class Corpus:
-    """Texts to compute C over, and how to name them in cache paths and provenance."""
+    """Texts to compute C over, and how to name them in cache paths and provenance.
+
+    A corpus that is expensive to produce (text sampled from the model) is lazy: ``loader`` makes
+    its ``size`` texts on first use, so a run whose statistics are cached never produces it."""
 
     name: str  # e.g. "knowbench-world-1a2b3c4d5e6f", "wikipedia-20231101.en", "model-sampled-seed0"
-    texts: Sequence[str]
+    texts: Sequence[str] | None = None
     model_sampled: bool = False
     description: str = ""
+    loader: Callable[[], Sequence[str]] | None = field(default=None, repr=False)
+    size: int | None = None  # number of texts a lazy corpus will have
+
+    def n_texts(self) -> int:
+        if self.texts is None and self.size is not None:
+            return self.size
+        return len(self._texts())
+
+    def _texts(self) -> list[str]:
+        if self.texts is None:
+            if self.loader is None:
+                raise StatsUnavailable(f"corpus {self.name} has neither texts nor a loader")
+            self.texts = list(self.loader())
+        return [t for t in self.texts if isinstance(t, str) and t.strip()]
 
     def sample(self, n: int, seed: int = 0) -> list[str]:
         """Up to n non-empty texts: all of them if there are fewer, else a seeded random subset."""
-        texts = [t for t in self.texts if isinstance(t, str) and t.strip()]
+        texts = self._texts()
         if len(texts) <= n:
             return texts
         g = torch.Generator().manual_seed(seed)
@@ -242,22 +259,26 @@ def load_hub_corpus(name: str, n_samples: int, seed: int = 0) -> Corpus:
     return Corpus(f"{name}-{config}", texts, description=f"{ds_id}:{config}")
 
 
-@torch.no_grad()
 def sample_model_corpus(
     model: nn.Module, tok: Any, n_texts: int, length: int = 128, seed: int = 0
 ) -> Corpus:
     """Texts sampled from the model itself (top-k 5 from BOS): a stand-in when no corpus is reachable.
 
     Keys of the model's own text are a biased sample of its inputs; results are marked as such.
-    """
-    texts: list[str] = []
-    batch = 16
-    for b0 in range(0, n_texts, batch):
-        n = min(batch, n_texts - b0)
-        texts += [t.rstrip(". ").strip() for t in
-                  sample_prefixes(model, tok, [(length, n)], seed=seed * 1_000_003 + b0)]
-    return Corpus(f"model-sampled-seed{seed}-len{length}", texts, model_sampled=True,
-                  description=f"{n_texts} texts of {length} tokens sampled from the model (top-k 5)")
+    Lazy: the texts are generated only if the statistics are not already cached."""
+
+    def generate() -> list[str]:
+        texts: list[str] = []
+        batch = 64
+        for b0 in range(0, n_texts, batch):
+            n = min(batch, n_texts - b0)
+            texts += [t.rstrip(". ").strip() for t in
+                      sample_prefixes(model, tok, [(length, n)], seed=seed * 1_000_003 + b0)]
+        return texts
+
+    return Corpus(f"model-sampled-seed{seed}-len{length}", None, model_sampled=True,
+                  description=f"{n_texts} texts of {length} tokens sampled from the model (top-k 5)",
+                  loader=generate, size=n_texts)
 
 
 NO_CORPUS_HELP = (
@@ -389,10 +410,9 @@ def second_moments(
     adapter = ArchAdapter(model)
     layers = sorted({adapter._check(layer) for layer in layers})
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    texts = corpus.sample(n_samples)
-    if not texts:
+    n_used = min(n_samples, corpus.n_texts())
+    if n_used == 0:
         raise StatsUnavailable(f"corpus {corpus.name} holds no text")
-    n_used = len(texts)
     maxlen = _max_length(model, max_length)
     fp = model_fingerprint(model)
     model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
@@ -414,6 +434,7 @@ def second_moments(
         else:
             todo.append((layer, module, path, meta))
     if todo:
+        texts = corpus.sample(n_samples)  # only now: a lazy corpus is produced only when needed
         computed = _compute(
             model, tok, adapter, [t[0] for t in todo], texts, dtype, maxlen, batch_tokens,
             progress, corpus.name, device,

@@ -102,7 +102,24 @@ def test_list_corpus_and_model_sampled_corpus(tiny):
     c2 = resolve_corpus({"corpus": ["x y", "zz"], "corpus_name": "w"}, "wikipedia", 5)
     assert c2.name != c.name  # content is in the name: a changed corpus never hits a stale cache
     m = resolve_corpus({"stats_source": "model"}, "wikipedia", 3, model, tok)
-    assert m.model_sampled and len(m.texts) == 3 and m.name.startswith("model-sampled")
+    assert m.model_sampled and m.name.startswith("model-sampled")
+    assert m.texts is None and m.n_texts() == 3  # lazy: nothing generated yet
+    assert len(m.sample(10)) == 3 and len(m.texts) == 3
+
+
+def test_lazy_corpus_is_not_produced_when_the_statistics_are_cached(tiny, tmp_path):
+    model, tok = tiny
+    calls = []
+
+    def make():
+        calls.append(1)
+        return toy_corpus(20)
+
+    for _ in range(2):
+        lazy = Corpus("lazy-toy", loader=make, size=20, model_sampled=True)
+        sm = second_moments(model, tok, [1], lazy, n_samples=20, cache_dir=tmp_path, progress=False)[1]
+    assert calls == [1] and sm.cached and sm.meta["model_sampled"] is True
+    assert sm.provenance()["model_sampled"] is True
     with pytest.raises(ValueError, match="stats_source"):
         resolve_corpus({"stats_source": "nope"}, "wikipedia", 3)
 
