@@ -50,6 +50,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", help="model dtype: float32, float16, bfloat16 (default float32)")
     p.add_argument("--hparams", default=None, metavar="FILE", help="YAML/JSON file of editor "
                    "hyper-parameters overriding the defaults for this model")
+    p.add_argument("--stats-corpus", default=None, metavar="PATH", help="text for the key statistics "
+                   "C = E[kkᵀ] of locate-then-edit editors: a .txt/.json/.jsonl file or a folder of them")
+    p.add_argument("--stats-source", default=None, choices=("auto", "corpus", "wikipedia", "wikitext", "model"),
+                   help="where C's text comes from (default auto: --stats-corpus, the embedded world's corpus, "
+                   "else the hub); 'model' samples text from the model itself (recorded in the result)")
+    p.add_argument("--stats-samples", type=int, default=None, metavar="N", help="texts C is computed over")
     p.add_argument("--eval-batch-size", type=int, default=32, help="prompts per evaluation forward pass")
     p.add_argument("--no-fluency", action="store_true", help="skip the generation-based fluency metric")
     p.add_argument("--no-diagnostics", action="store_true", help="skip the per-edit superposition diagnostics")
@@ -77,6 +83,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .study import run_options
 
     cfg.extra["diagnostics"] = run_options(args.diagnostics_probes, args.diagnostics_max_probes)
+    stats = {"corpus": args.stats_corpus, "stats_source": args.stats_source, "stats_samples": args.stats_samples}
+    cfg.extra["stats"] = {k: v for k, v in stats.items() if v is not None}
     result = run(cfg)
     records = result.pop("_records")
     result = finish(result)

@@ -153,9 +153,15 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         hp = override_hparams(hp, load_hparams_file(cfg.hparams), source=f"--hparams {cfg.hparams}")
     context = EditContext(
         seed=cfg.seed, model_name=model_name, device=cfg.device,
-        extras=defaults.editor_extras(model_name, lm),
+        extras={**defaults.editor_extras(model_name, lm), **cfg.extra.get("stats", {})},
     )
     editor = editor_cls(lm.model, lm.tokenizer, hp, context)
+    if hasattr(editor, "prepare"):  # one-off set-up (key statistics) is not edit time
+        t0 = time.perf_counter()
+        editor.prepare()
+        prepare_s = time.perf_counter() - t0
+    else:
+        prepare_s = 0.0
     batch = cfg.batch_size or 1
     if batch > 1 and not getattr(editor_cls, "supports_batch", False):
         raise RunError(f"editor {cfg.editor} edits one fact at a time; drop --batch-size")
@@ -237,6 +243,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             "hparams": hparams_to_dict(hp),
             "hparams_hash": hparams_hash(hp),
             "hparams_file": cfg.hparams,
+            "provenance": editor.provenance() if hasattr(editor, "provenance") else {},
         },
         "model": {
             "id": model_name,
@@ -279,6 +286,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         "edits": edit_infos,
         "timings": {
             "load_model_s": round(load_s, 3),
+            "editor_prepare_s": round(prepare_s, 3),
             "pre_eval_s": round(pre_s, 3),
             "edit_s": round(edit_s, 3),
             "edit_ms_per_edit": round(1000 * edit_s / len(records), 3),

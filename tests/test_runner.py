@@ -101,7 +101,7 @@ def test_cli_help_documents_every_option(capsys):
         main(["run", "--help"])
     text = capsys.readouterr().out
     for opt in ("--editor", "--task", "--model", "--data", "--limit", "--sequential", "--eval-timing", "--batch-size",
-                "--seed", "--output", "--device", "--dtype", "--hparams", "--log-records", "--curve-every"):
+                "--seed", "--output", "--device", "--dtype", "--hparams", "--log-records", "--curve-every", "--stats-corpus"):
         assert opt in text
 
 
