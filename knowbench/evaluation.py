@@ -72,32 +72,34 @@ class Evaluator:
         self._san_probes: dict[int, list[Probe]] = {}
 
     # -- primitives with an optional prompt rewrite (in-context editors) ----------------------
+    @staticmethod
+    def _rewrite_pairs(pairs: list[tuple[str, str]], rewrite: Rewrite | None) -> list[tuple[str, str]]:
+        if rewrite is None or not pairs:
+            return pairs
+        return list(zip(rewrite([p for p, _ in pairs]), [t for _, t in pairs]))
+
     def _tf(self, pairs: list[tuple[str, str]], rewrite: Rewrite | None) -> list[scoring.TeacherForced]:
         if not pairs:
             return []
-        if rewrite is not None:
-            pairs = list(zip(rewrite([p for p, _ in pairs]), [t for _, t in pairs]))
+        pairs = self._rewrite_pairs(pairs, rewrite)
         return scoring.teacher_forced(self.model, self.tok, pairs, batch_size=self.cfg.batch_size)
 
-    def _gen(self, prompts: list[str], rewrite: Rewrite | None, max_new: int, top_k: int | None) -> list[str]:
+    def _generate(self, fn, prompts: list[str], rewrite: Rewrite | None, max_new: int, top_k: int | None) -> list:
+        """``scoring.generate`` (texts) or ``scoring.generate_ids`` (token ids) on rewritten prompts."""
         if not prompts:
             return []
         if rewrite is not None:
             prompts = rewrite(prompts)
-        return scoring.generate(
+        return fn(
             self.model, self.tok, prompts, max_new_tokens=max_new, top_k=top_k,
             seed=self.cfg.seed, batch_size=self.cfg.gen_batch_size,
         )
 
+    def _gen(self, prompts: list[str], rewrite: Rewrite | None, max_new: int, top_k: int | None) -> list[str]:
+        return self._generate(scoring.generate, prompts, rewrite, max_new, top_k)
+
     def _greedy_ids(self, prompts: list[str], rewrite: Rewrite | None) -> list[list[int]]:
-        if not prompts:
-            return []
-        if rewrite is not None:
-            prompts = rewrite(prompts)
-        return scoring.generate_ids(
-            self.model, self.tok, prompts, max_new_tokens=self.cfg.sanitation_tokens, top_k=None,
-            seed=self.cfg.seed, batch_size=self.cfg.gen_batch_size,
-        )
+        return self._generate(scoring.generate_ids, prompts, rewrite, self.cfg.sanitation_tokens, None)
 
     # -- reference (unedited model) ----------------------------------------------------------
     def prepare(self, records: Sequence[EditRecord]) -> None:
@@ -223,8 +225,7 @@ class Evaluator:
             for reply in r.extra["locality_replies"][: self.cfg.convsent_locality_replies]:
                 pairs.append((prompt, reply))
                 owners.append(r.index)
-        if rewrite is not None and pairs:
-            pairs = list(zip(rewrite([p for p, _ in pairs]), [t for _, t in pairs]))
+        pairs = self._rewrite_pairs(pairs, rewrite)
         dists = scoring.continuation_logprobs(self.model, self.tok, pairs, batch_size=self.cfg.batch_size) if pairs else []
         out: dict[int, list[Any]] = {}
         for idx, d in zip(owners, dists):
