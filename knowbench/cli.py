@@ -37,7 +37,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None, metavar="B", help="edits per update: without "
                    "--sequential this is the batch protocol; with it, T edits are applied B at a time")
     p.add_argument("--curve-every", type=int, default=None, metavar="K", help="sequential protocol: "
-                   "evaluate a fixed probe subset every K edits (the lifelong curve)")
+                   "evaluate a fixed probe subset every K edits (the lifelong curve; default T/20, 0 = off)")
     p.add_argument("--curve-probes", type=int, default=50, metavar="N", help="records in the curve's probe "
                    "subset (the first N edits; default 50)")
     p.add_argument("--seed", type=int, default=0, help="seed for data selection, sampling and editor "
@@ -66,6 +66,15 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_run)
 
 
+def _curve_every(args: argparse.Namespace) -> int | None:
+    """A sequential run draws its lifelong curve by default (20 points), so that a collapse shows."""
+    if not args.sequential:
+        return args.curve_every or None
+    if args.curve_every is None:
+        return max(1, args.sequential // 20)
+    return args.curve_every or None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -77,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         editor=args.editor, task=args.task, model=args.model, data=args.data, limit=args.limit,
         sequential=args.sequential, eval_timing=args.eval_timing, batch_size=args.batch_size,
         seed=args.seed, output=args.output, device=args.device, dtype=args.dtype, hparams=args.hparams,
-        eval_batch_size=args.eval_batch_size, fluency=not args.no_fluency, curve_every=args.curve_every,
+        eval_batch_size=args.eval_batch_size, fluency=not args.no_fluency, curve_every=_curve_every(args),
         curve_probes=args.curve_probes, log_records=args.log_records, diagnostics=not args.no_diagnostics,
     )
     from .study import run_options
