@@ -62,6 +62,7 @@ class LocateHparams:
     mom2_n_samples: int = 100000
     mom2_dtype: str = "float32"
     mom2_max_length: int | None = None  # tokens per text (default: the model's context)
+    mom2_ridge: float = 0.0  # C + ridge·mean(diag C)·I before solving (references: none)
     # (total tokens incl. the start, count) per group of sampled prefixes
     context_template_length_params: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
     context_template_starts: list[str] | None = None  # None: sample from BOS (ROME)
@@ -566,6 +567,7 @@ class LocateEditor(WeightEditor):
             device=next(self.model.parameters()).device,
         )
         for sm in stats.values():
+            sm.set_ridge(hp.mom2_ridge)
             sm.cholesky()  # factorise once per layer, now
         self._stats.update(stats)
         self._stats_info = {

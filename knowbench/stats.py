@@ -66,6 +66,14 @@ class SecondMoment:
     _chol: torch.Tensor | None = field(default=None, repr=False)
     _eig: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     jitter: float = 0.0  # ridge added to make the Cholesky factorisation succeed (0 if none)
+    ridge: float = 0.0  # requested ridge, relative to mean(diag C): C + ridge·mean(diag C)·I
+
+    def set_ridge(self, ridge: float) -> None:
+        """Regularise C before it is factorised. A small model's MLP has units that never fire on
+        the corpus, so C is singular there and C⁻¹ blows up the tiny differences between an edit
+        prompt's key k and the averaged k* along those directions."""
+        if ridge != self.ridge:
+            self.ridge, self._chol, self._eig = float(ridge), None, None
 
     @property
     def dim(self) -> int:
@@ -78,6 +86,7 @@ class SecondMoment:
             scale = float(torch.diagonal(c).mean()) or 1.0
             eye = torch.eye(self.dim, dtype=c.dtype, device=c.device)
             for jitter in (0.0, 1e-10, 1e-8, 1e-6, 1e-4):
+                jitter = max(jitter, self.ridge)
                 chol, info = torch.linalg.cholesky_ex(c + jitter * scale * eye)
                 if int(info) == 0:
                     self._chol, self.jitter = chol, jitter * scale
@@ -87,7 +96,7 @@ class SecondMoment:
                     f"second moment of {self.module} is not positive definite even with a ridge "
                     f"of 1e-4·mean(diag); {self.count} tokens are too few for a {self.dim}-dim key"
                 )
-            if self.jitter:
+            if self.jitter and not self.ridge:
                 log.warning("C of %s is singular; added a ridge of %.3g", self.module, self.jitter)
         return self._chol
 
@@ -101,7 +110,10 @@ class SecondMoment:
     def eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvalues (ascending) and eigenvectors of C, computed once."""
         if self._eig is None:
-            self._eig = torch.linalg.eigh(self.mom2)
+            c = self.mom2
+            if self.ridge:
+                c = c + self.ridge * float(torch.diagonal(c).mean()) * torch.eye(self.dim, dtype=c.dtype, device=c.device)
+            self._eig = torch.linalg.eigh(c)
         return self._eig
 
     def to(self, device: Any) -> "SecondMoment":

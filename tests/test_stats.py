@@ -200,3 +200,19 @@ def test_prefixes_are_seeded(tiny):
     assert a == b and a != c and len(a) == 3 and all(p.endswith(". ") for p in a)
     d = sample_prefixes(model, tok, [[8, 4]], seed=1, starts=["The", "I"])
     assert len(d) == 4 and d[0].startswith("The") and d[2].startswith("I")
+
+
+def test_ridge_regularises_a_singular_second_moment():
+    from knowbench.stats import SecondMoment
+
+    k = torch.randn(200, 6, dtype=torch.float64)
+    k[:, 5] = 0.0  # a unit that never fires: C is singular
+    c = k.T @ k / 200
+    sm = SecondMoment(layer=0, module="m", mom2=c, count=200)
+    b = torch.randn(6, dtype=torch.float64)
+    sm.set_ridge(0.01)
+    lam = 0.01 * float(torch.diagonal(c).mean())
+    expected = torch.linalg.solve(c + lam * torch.eye(6, dtype=torch.float64), b)
+    assert torch.allclose(sm.solve(b), expected, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(sm.eigh()[0], torch.linalg.eigvalsh(c) + lam, atol=1e-12)
+    assert sm.provenance()["ridge"] == pytest.approx(lam)
