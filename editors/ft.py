@@ -43,6 +43,14 @@ class _FineTune(WeightEditor):
     supports_batch = True
     last_position_only = False
 
+    @classmethod
+    def default_hparams(cls, model: Any, model_name: str = "") -> FTHparams:
+        """editors/hparams/{ft-l,ft-m}-*.yaml when one matches the model, else the references'."""
+        from knowbench.locate import find_hparams_file
+
+        found = find_hparams_file(cls.name, model, model_name)
+        return cls.hparams_cls(**found[1]) if found else cls.hparams_cls()
+
     def __init__(self, model: Any, tokenizer: Any, hparams: FTHparams, context: EditContext):
         super().__init__(model, tokenizer, hparams, context)
         self.layer = hparams.layer if hparams.layer >= 0 else _default_layer(self.adapter.n_layers)
