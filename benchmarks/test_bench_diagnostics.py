@@ -1,6 +1,6 @@
 """Overhead of the per-edit superposition diagnostics next to the edit itself (target: ≤ 10%).
 
-On the embedded world model (a GPT-2 of 4 layers × 192 wide) when it is installed, else on a
+On the embedded world model (a GPT-2 of 4 layers × 128 wide) when it is installed, else on a
 random GPT-2 of the same shape (``KNOWBENCH_BENCH_MODEL=smollm2-135m`` picks another model); ROME (traces: p, cosines, prediction, observed interference) and
 FT-M (no traces: keys read by the diagnostics, observed interference only), sequential edits, the
 probe set being the locality items of 64 records. One torch thread.
