@@ -168,3 +168,19 @@ class ArchAdapter:
 
     def value_dim(self, layer: int) -> int:
         return self.rewrite_weight(layer).shape[0]
+
+
+# -- KV caches across transformers releases ------------------------------------------------------
+def cache_kwargs(model: nn.Module, cache: object) -> dict[str, object]:
+    """The forward keyword for a KV cache: transformers 5.2x renamed ``past_key_values`` to
+    ``cache`` (the old name warns and goes in 5.40); releases before that only know the old one."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache, "use_cache": True}
+
+
+def returned_cache(out: object) -> object:
+    """The KV cache a forward pass returned, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .arch import ArchAdapter
+from .arch import ArchAdapter, cache_kwargs, returned_cache
 
 
 class StopForward(Exception):
@@ -178,8 +178,8 @@ def sample_prefixes(
                 past, step_in = None, seq
                 for _ in range(n_new):  # all rows have the same length: no padding, a plain KV cache
                     mask = torch.ones(seq.shape, dtype=torch.long, device=device)
-                    res = model(input_ids=step_in, attention_mask=mask, past_key_values=past, use_cache=True)
-                    past = res.past_key_values
+                    res = model(input_ids=step_in, attention_mask=mask, **cache_kwargs(model, past))
+                    past = returned_cache(res)
                     probs = torch.softmax(res.logits[:, -1, :].float(), dim=-1)
                     top = torch.topk(probs, top_k, dim=-1)
                     pick = torch.multinomial(top.values.cpu(), 1, generator=gen).to(device)

@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Iterator, Sequence
 import torch
 from torch import nn
 
+from .arch import cache_kwargs, returned_cache
 from .editor import EditContext, EditRequest, WeightEditor
 from .keys import ContextSet, Recording, lm_logits, pad_id, record, sample_prefixes, subject_indices
 from .stats import SecondMoment, default_cache_dir, resolve_corpus, second_moments
@@ -274,15 +275,15 @@ class UpperBlocks:
 
         b, s = self.b, self.b.split
         out = self.model(input_ids=b.input_ids[:, :s], attention_mask=b.attention_mask[:, :s],
-                         position_ids=b.position_ids[:, :s], use_cache=True)
-        self.prefix = [(layer.keys.detach(), layer.values.detach()) for layer in out.past_key_values.layers]
+                         position_ids=b.position_ids[:, :s], **cache_kwargs(self.model, None))
+        self.prefix = [(layer.keys.detach(), layer.values.detach()) for layer in returned_cache(out).layers]
         self._new_cache = lambda: DynamicCache(config=self.model.config)
         self._cache = self._fresh()
         rec = record(
             self.model, self.adapter, b.input_ids[:, s:], b.attention_mask, b.position_ids[:, s:],
             positions=(b.subj_rows, torch.zeros_like(b.subj_cols)), key_layers=self.key_layers,
             block_out_layers=[self.layer], calls_from=self.layer + 1,
-            model_kwargs={"use_cache": True, "past_key_values": self._cache},
+            model_kwargs=cache_kwargs(self.model, self._cache),
         )
         self.calls = rec.calls
         self.h0s = rec.block_out[self.layer]

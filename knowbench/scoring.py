@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .arch import ArchAdapter
+from .arch import ArchAdapter, cache_kwargs, returned_cache
 
 log = logging.getLogger(__name__)
 
@@ -460,9 +460,9 @@ def generate_ids(
             for _ in range(max_new_tokens):
                 out = model(
                     input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                    past_key_values=past, use_cache=True, **extra,
+                    **cache_kwargs(model, past), **extra,
                 )
-                past = out.past_key_values
+                past = returned_cache(out)
                 logits = out.logits[:, -1].float()
                 nxt = _pick(logits, top_k, gens)
                 nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
