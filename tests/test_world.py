@@ -176,10 +176,22 @@ def test_shipped_model_loads_and_knows_its_facts(world):
     assert evaluate_probes(lm.model, lm.tokenizer, wrong).known < 30.0
 
 
+@needs_shipped
+def test_shipped_tokenizer_splits_subjects_into_several_tokens(world):
+    """Locate-then-edit editors need what real models have: a subject whose identity is only
+    complete at its last token. With one token per surname the model looks facts up from the
+    surname's embedding at the answer position, and edits at the subject token stall (72-78 %)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(MODEL_DIR))
+    surname_tokens = [len(tok(" " + name.split()[-1])["input_ids"]) for name in world.names("person")]
+    assert sum(n >= 2 for n in surname_tokens) >= 0.9 * len(surname_tokens)
+
+
 def _tiny_config(steps: int):
     from knowbench.world.train import BuildConfig
 
-    return BuildConfig(steps=steps, batch_size=8, warmup=2, vocab_size=400, n_layer=2, n_embd=32, n_head=2,
+    return BuildConfig(steps=steps, batch_size=8, warmup=2, vocab_size=400, n_layer=2, n_embd=32, n_head=2, n_inner=None,
                        n_positions=128, threads=1, tokenizer_epochs=1)
 
 

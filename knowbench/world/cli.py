@@ -1,6 +1,6 @@
 """``knowbench world ...``: rebuild the embedded world model and data, or measure what it knows.
 
-    knowbench world build [--out DIR] [--seed S] [--steps N] [--threads T]
+    knowbench world build [--out DIR] [--seed S] [--steps N] [--threads T] [--vocab-size V] [--n-inner M]
     knowbench world eval  [--model DIR] [--seed S] [--json]
     knowbench world tasks [--out DIR] [--seed S]
 """
@@ -25,6 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=DEFAULT_SEED)
     b.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default {d.steps})")
     b.add_argument("--threads", type=int, default=d.threads, help="torch threads (fixed, for reproducibility)")
+    b.add_argument("--vocab-size", type=int, default=d.vocab_size,
+                   help=f"BPE vocabulary (default {d.vocab_size}; 5000 makes most surnames one token)")
+    b.add_argument("--n-inner", type=int, default=d.n_inner, help=f"MLP width (default {d.n_inner})")
     b.add_argument("--no-eval", action="store_true", help="skip measuring the accuracies after training")
     b.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="log the accuracy on a sample of facts every N steps")
@@ -55,7 +58,7 @@ def world_main(argv: list[str] | None = None) -> int:
 def _build(args: argparse.Namespace) -> int:
     from .train import BuildConfig, build
 
-    cfg = BuildConfig(threads=args.threads)
+    cfg = BuildConfig(threads=args.threads, vocab_size=args.vocab_size, n_inner=args.n_inner)
     info = build(args.out, seed=args.seed, steps=args.steps, config=cfg, progress=not args.quiet,
                  evaluate=not args.no_eval, eval_every=args.eval_every)
     print(f"built in {info['build_seconds']:.0f} s ({info['n_params']:,} parameters, final loss {info['final_loss']})")

@@ -9,6 +9,19 @@ files and ``build_info.json``.
 Determinism: torch's seed, a fixed thread count, no dropout, and a data order that is a pure
 function of the seed (each epoch's texts come from ``random.Random(f"...{seed}-{epoch}")``), so the
 same seed, steps and thread count reproduce the same weights.
+
+Why the vocabulary is small and the MLP wide: the model exists so that locate-then-edit editors
+behave on it as they do on GPT-2 XL. (a) With a 5,000-token vocabulary every invented surname is a
+single token, and a causal trace (corrupt the subject's embeddings, restore one hidden state) shows
+such a model recalling facts at the *answer* position in layer 0, reading the surname embedding
+directly: restoring the subject's last token restores 4 % of the answer probability, the last
+token after block 0 restores 75 %. Edits at the subject token then stalled at 72-78 % single-edit
+success. With 1,500 tokens a surname is 2-4 tokens, the subject has to be composed over its
+tokens, and ROME, MEMIT and AlphaEdit at the subject's last token reach 93-96 %. (b) AlphaEdit's edits must find room in key directions that ordinary text leaves unused: with
+d_ff = 512 lifelong AlphaEdit collapsed as fast as ROME; with d_ff = 2048 (16 x n_embd) most
+directions are nearly unused (layer 1: 1,194 of 2,048 eigenvalues of C below 0.01), as in GPT-2
+XL's 6,400-wide MLP. ``knowbench world build --vocab-size 5000 --n-inner 512``
+rebuilds the earlier model for comparison.
 """
 
 from __future__ import annotations
@@ -32,17 +45,17 @@ EOS = "<|endoftext|>"
 @dataclass
 class BuildConfig:
     seed: int = 0
-    steps: int = 12000  # ~95 epochs; known facts jump from 35 % to 90 % between epochs 30 and 47
+    steps: int = 10000  # see build_info.json for the accuracy along the way
     batch_size: int = 32  # throughput per text peaks near 32 on 2 CPU cores; more updates than 64+
     lr: float = 4e-3
     min_lr_ratio: float = 0.05
     warmup: int = 200
     weight_decay: float = 0.01
-    vocab_size: int = 5000  # large enough that (nearly) every invented name is one token
+    vocab_size: int = 1500  # small enough that invented names are several tokens (see the docstring)
     n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
-    n_inner: int | None = None  # MLP width (default 4 × n_embd)
+    n_inner: int | None = 2048  # MLP width: 16 × n_embd, a sparse key space (see the docstring)
     n_positions: int = 128
     max_len: int = 96  # tokens per training text (longer texts are cut)
     threads: int = 2
