@@ -322,6 +322,13 @@ class EditDiagnostics:
         self.apply_s = 0.0
         self.edit_s = 0.0
         self._warned: set[str] = set()
+        # Edit keys read by the diagnostics themselves (editors without traces, i.e. fine-tuning):
+        # the run's prompts are captured in one batch, and reused while every weight changed so far
+        # lies at or above the key's own rewrite module, where it cannot move that key.
+        self.run_items: list[tuple[str, str | None]] = []
+        self._key_memo: dict[tuple[str, str | None], dict[int, torch.Tensor]] = {}
+        self._changed: set[str] = set()
+        self._oneoff_s = 0.0
         self._by_record: dict[int, list[int]] = {}
         for j, p in enumerate(probes):
             if p.record is not None:
@@ -332,6 +339,7 @@ class EditDiagnostics:
     def after_apply(self, requests: Sequence[Any], outcome: Any, edit_seconds: float | None = None) -> dict[str, Any]:
         """Diagnose one apply of ``len(requests)`` edits (EditRequests or EditRecords, in order)."""
         t0 = time.perf_counter()
+        self._oneoff_s = 0.0
         self.n_applies += 1
         self.n_edits += len(requests)
         if edit_seconds is not None:
@@ -340,6 +348,7 @@ class EditDiagnostics:
         for tr in getattr(outcome, "traces", None) or []:
             traces[self.adapter._check(tr.layer)] = tr
         changed = set(getattr(outcome, "changed_params", None) or [])
+        self._changed = (self._changed | changed) if self.cfg.sequential else changed
         edited = [l for l in self.watch if l in traces or self.layers[l].param in changed]
         for l in sorted(set(traces) - set(self.watch)):
             self._warn_once(f"trace{l}", f"diagnostics: layer {l} was edited but was not watched (the editor "
@@ -350,15 +359,41 @@ class EditDiagnostics:
         need_capture = [l for l in edited if l not in traces]
         if need_capture:  # fine-tuning style: read the edit keys ourselves
             items = [(getattr(r, "prompt"), _subject_in(r)) for r in requests]
-            captured = capture_keys(self.model, self.tok, items, need_capture, self.cfg.batch_size)
+            captured = self._edit_keys(items, need_capture)
         for layer in edited:
             tr = traces.get(layer)
             entry["layers"].append(self._layer_step(self.layers[layer], tr, captured.get(layer), record_ids))
-        dt = time.perf_counter() - t0
+        dt = time.perf_counter() - t0 - self._oneoff_s
+        self.setup_s += self._oneoff_s
         self.apply_s += dt
         entry["seconds"] = round(dt, 5)
         self.entries.append(entry)
         return entry
+
+    def _keys_unmoved(self, layer: int) -> bool:
+        """Whether the weights changed so far leave the keys at ``layer`` as on the original model:
+        only rewrite modules at ``layer`` or above, or blocks above it, were changed."""
+        n = self.adapter.n_layers
+        safe = [self.adapter.rewrite_name(j) + "." for j in range(layer, n)]
+        safe += [self.adapter.block_name(j) + "." for j in range(layer + 1, n)]
+        return all(any(p.startswith(prefix) for prefix in safe) for p in self._changed)
+
+    def _edit_keys(self, items: list[tuple[str, str | None]], layers: list[int]) -> dict[int, torch.Tensor]:
+        memo_layers = [l for l in layers if self._keys_unmoved(l)]
+        if memo_layers and not self._key_memo and self.run_items:
+            t0 = time.perf_counter()
+            todo = list(dict.fromkeys(self.run_items + items))
+            got = capture_keys(self.model, self.tok, todo, self.watch, self.cfg.batch_size)
+            for i, item in enumerate(todo):
+                self._key_memo[item] = {l: got[l][i] for l in self.watch}
+            self._oneoff_s += time.perf_counter() - t0  # set-up work, like the probe keys
+        out: dict[int, torch.Tensor] = {}
+        if all(item in self._key_memo for item in items):
+            out = {l: torch.stack([self._key_memo[item][l] for item in items]) for l in memo_layers}
+        rest = [l for l in layers if l not in out]
+        if rest:
+            out.update(capture_keys(self.model, self.tok, items, rest, self.cfg.batch_size))
+        return out
 
     def _layer_step(self, st: _Layer, trace: Any, captured: torch.Tensor | None, record_ids: list[int | None]) -> dict[str, Any]:
         w_t = self.adapter.rewrite_weight(st.layer).detach()
@@ -742,11 +777,13 @@ def for_run(
                     "interference on earlier edits is measured")
     saved = getattr(editor, "_saved", None)
     originals = saved.get if isinstance(saved, dict) else None  # WeightEditor's snapshot of W_0
-    return EditDiagnostics(
+    diag = EditDiagnostics(
         lm_model, tok, probes, editor_layers(editor),
         moments=editor_moments(editor), originals=originals, config=cfg, probe_source=source,
         identity_moment=_identity_moment(editor),
     )
+    diag.run_items = [(getattr(r, "prompt"), _subject_in(r)) for r in records]
+    return diag
 
 
 # -- terminal summary -------------------------------------------------------------------------------------

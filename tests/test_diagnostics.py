@@ -359,3 +359,38 @@ def test_runner_stores_diagnostics_and_can_switch_them_off(zsre_file, tmp_path):
     assert max(len(line) for line in shown.splitlines()) <= 80
     r = run(RunConfig(**base, limit=2, diagnostics=False))
     assert "diagnostics" not in r
+
+
+def test_edit_keys_of_a_run_are_captured_once_and_stay_exact(tiny):
+    """Editors without traces: the run's prompts are keyed in one batch and reused while the changed
+    weights cannot move the keys; after a change below the key's layer they are read afresh."""
+    model, tok = tiny
+    recs = _records(4)
+    editor = Perturb(model, tok)
+    diag = EditDiagnostics(model, tok, locality_probes(recs, "qa"), editor_layers(editor),
+                           config=DiagnosticsConfig(sequential=True))
+    diag.run_items = [(r.prompt, r.subject) for r in recs]
+    try:
+        for req in _requests(recs[:2]):
+            diag.after_apply(req, editor.apply(req))
+            items = [(q.prompt, q.subject) for q in req]
+            fresh = capture_keys(model, tok, items, [LAYER])[LAYER]
+            torch.testing.assert_close(diag._edit_keys(items, [LAYER])[LAYER], fresh)
+        assert len(diag._key_memo) == len(recs)  # one batch for the whole run
+        # a weight below the key's module moves the keys: the memo must not be used
+        ad = ArchAdapter(model)
+        below, w = next((n, p) for n, p in model.named_parameters() if n.startswith(ad.block_name(LAYER) + ".")
+                        and not n.startswith(ad.rewrite_name(LAYER) + ".") and p.dim() == 2)
+        saved = w.detach().clone()
+        with torch.no_grad():
+            w.mul_(1.5)
+        diag._changed.add(below)
+        items = [(recs[2].prompt, recs[2].subject)]
+        fresh = capture_keys(model, tok, items, [LAYER])[LAYER]
+        stale = diag._key_memo[items[0]][LAYER]
+        assert not torch.allclose(fresh[0], stale)
+        torch.testing.assert_close(diag._edit_keys(items, [LAYER])[LAYER], fresh)
+        with torch.no_grad():
+            w.copy_(saved)
+    finally:
+        editor.restore()
