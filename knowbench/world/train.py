@@ -14,14 +14,14 @@ Why the vocabulary is small and the MLP wide: the model exists so that locate-th
 behave on it as they do on GPT-2 XL. (a) With a 5,000-token vocabulary every invented surname is a
 single token, and a causal trace (corrupt the subject's embeddings, restore one hidden state) shows
 such a model recalling facts at the *answer* position in layer 0, reading the surname embedding
-directly: restoring the subject's last token restores 4 % of the answer probability, the last
-token after block 0 restores 75 %. Edits at the subject token then stalled at 72-78 % single-edit
-success. With 1,500 tokens a surname is 2-4 tokens, the subject has to be composed over its
-tokens, and ROME, MEMIT and AlphaEdit at the subject's last token reach 93-97 %. (b) AlphaEdit's edits must find room in key directions that ordinary text leaves unused: with
-d_ff = 512 lifelong AlphaEdit collapsed as fast as ROME; with d_ff = 2048 (16 x n_embd) most
-directions are nearly unused (layer 1: 1,194 of 2,048 eigenvalues of C below 0.01), as in GPT-2
-XL's 6,400-wide MLP. ``knowbench world build --vocab-size 5000 --n-inner 512``
-rebuilds the earlier model for comparison.
+directly: restoring the subject's last token restores 4 % of the answer probability, the last token
+after block 0 restores 75 %. Edits at the subject token then stalled at 72-78 % single-edit
+success. With 1,500 tokens a surname is 2-4 tokens, the subject has to be composed over its tokens,
+and ROME, MEMIT and AlphaEdit at the subject's last token reach 93-97 %. (b) AlphaEdit's edits must
+find room in key directions that ordinary text leaves unused: with d_ff = 512 lifelong AlphaEdit
+collapsed as fast as ROME; with d_ff = 2048 (16 x n_embd) most directions are nearly unused (layer
+1: 1,194 of 2,048 eigenvalues of C below 0.01), as in GPT-2 XL's 6,400-wide MLP. ``knowbench world
+build --vocab-size 5000 --n-inner 512`` rebuilds the earlier model for comparison.
 """
 
 from __future__ import annotations
