@@ -6,6 +6,8 @@ so that v = W k. GPT-2 stores its Conv1D weight transposed, (d_in, d_out); the a
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -174,10 +176,13 @@ class ArchAdapter:
 def cache_kwargs(model: nn.Module, cache: object) -> dict[str, object]:
     """The forward keyword for a KV cache: transformers 5.2x renamed ``past_key_values`` to
     ``cache`` (the old name warns and goes in 5.40); releases before that only know the old one."""
-    import inspect
+    return {_cache_keyword(type(model)): cache, "use_cache": True}
 
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return {name: cache, "use_cache": True}
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_cls: type) -> str:
+    # read once per model class: callers ask on every generated token
+    return "cache" if "cache" in inspect.signature(model_cls.forward).parameters else "past_key_values"
 
 
 def returned_cache(out: object) -> object:

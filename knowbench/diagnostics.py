@@ -328,7 +328,6 @@ class EditDiagnostics:
         self.run_items: list[tuple[str, str | None]] = []
         self._key_memo: dict[tuple[str, str | None], dict[int, torch.Tensor]] = {}
         self._changed: set[str] = set()
-        self._oneoff_s = 0.0
         self._by_record: dict[int, list[int]] = {}
         for j, p in enumerate(probes):
             if p.record is not None:
@@ -338,8 +337,7 @@ class EditDiagnostics:
     @torch.no_grad()
     def after_apply(self, requests: Sequence[Any], outcome: Any, edit_seconds: float | None = None) -> dict[str, Any]:
         """Diagnose one apply of ``len(requests)`` edits (EditRequests or EditRecords, in order)."""
-        t0 = time.perf_counter()
-        self._oneoff_s = 0.0
+        t0, setup0 = time.perf_counter(), self.setup_s
         self.n_applies += 1
         self.n_edits += len(requests)
         if edit_seconds is not None:
@@ -363,8 +361,7 @@ class EditDiagnostics:
         for layer in edited:
             tr = traces.get(layer)
             entry["layers"].append(self._layer_step(self.layers[layer], tr, captured.get(layer), record_ids))
-        dt = time.perf_counter() - t0 - self._oneoff_s
-        self.setup_s += self._oneoff_s
+        dt = time.perf_counter() - t0 - (self.setup_s - setup0)  # one-off set-up work is not per-apply
         self.apply_s += dt
         entry["seconds"] = round(dt, 5)
         self.entries.append(entry)
@@ -386,7 +383,7 @@ class EditDiagnostics:
             got = capture_keys(self.model, self.tok, todo, self.watch, self.cfg.batch_size)
             for i, item in enumerate(todo):
                 self._key_memo[item] = {l: got[l][i] for l in self.watch}
-            self._oneoff_s += time.perf_counter() - t0  # set-up work, like the probe keys
+            self.setup_s += time.perf_counter() - t0  # set-up work, like the probe keys
         out: dict[int, torch.Tensor] = {}
         if all(item in self._key_memo for item in items):
             out = {l: torch.stack([self._key_memo[item][l] for item in items]) for l in memo_layers}
