@@ -86,16 +86,18 @@ def _stats_cache(tmp_path_factory):
 def _run(benchmark, setting, editor_name: str, report) -> float:
     from knowbench import registry
     from knowbench.diagnostics import for_run
-    from knowbench.editor import EditContext
+    from knowbench.editor import RunContext, StatsOptions
+    from knowbench.evaluation import EvalConfig
     from knowbench.runner import _requests
+    from knowbench.tasks.families import QAFamily
 
     name, lm, records, corpus = setting
     cls = registry.load(registry.EDITOR_GROUP, editor_name)
     hp = cls.default_hparams(lm.model, name)
-    editor = cls(lm.model, lm.tokenizer, hp, EditContext(model_name=name, extras={"corpus": corpus, "stats_progress": False}))
-    if hasattr(editor, "prepare"):
-        editor.prepare()  # C and context prefixes: fixed per run, not part of an edit
-    diag = for_run(lm.model, lm.tokenizer, editor, records, "qa", None, sequential=True)
+    editor = cls(lm.model, lm.tokenizer, hp, RunContext(model_name=name, stats=StatsOptions(corpus=corpus, progress=False)))
+    editor.setup()  # C and context prefixes: fixed per run, not part of an edit
+    probes = QAFamily(None, EvalConfig()).probes(records)
+    diag = for_run(lm.model, lm.tokenizer, editor.sites(), records, probes, sequential=True)
     edit_s: list[float] = []
     diag_s: list[float] = []
     it = iter(records[:N_EDITS])

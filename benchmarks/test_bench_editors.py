@@ -1,5 +1,5 @@
 """Milliseconds per edit of ROME, MEMIT and AlphaEdit (the edit alone: C, its factorisation and the
-context prefixes are prepared first, once per run, as in a real run).
+context prefixes are set up first, once per run, as in a real run).
 
 Models: a random GPT-2-small-shaped model (12 layers × 768, byte-level vocabulary) and, when it is
 installed, the embedded world model. One torch thread; a few single edits, restored in between.
@@ -66,16 +66,16 @@ def _setting(name, tmp_path_factory):
 @pytest.mark.parametrize("editor_name", ["rome", "memit", "alphaedit"])
 def test_ms_per_edit(benchmark, tmp_path_factory, report_speedup, editor_name, model_name):
     from knowbench import registry
-    from knowbench.editor import EditContext, EditRequest
+    from knowbench.editor import EditRequest, RunContext, StatsOptions
 
     lm, corpus, reqs = _setting(model_name, tmp_path_factory)
     cls = registry.load(registry.EDITOR_GROUP, editor_name)
     hp = cls.default_hparams(lm.model, lm.name)
-    ctx = EditContext(seed=0, cache_dir=tmp_path_factory.mktemp("stats"), model_name=lm.name,
-                      extras={"corpus": corpus, "corpus_name": "bench", "stats_progress": False})
+    ctx = RunContext(seed=0, cache_dir=tmp_path_factory.mktemp("cache"), model_name=lm.name,
+                     stats=StatsOptions(corpus=corpus, corpus_name="bench", progress=False))
     editor = cls(lm.model, lm.tokenizer, hp, ctx)
     t0 = time.perf_counter()
-    editor.prepare()  # fixed per run: C, its factorisation (and AlphaEdit's projector), the prefixes
+    editor.setup()  # fixed per run: C, its factorisation (and AlphaEdit's projector), the prefixes
     prep_s = time.perf_counter() - t0
     it = iter(range(10 ** 6))
     times: list[float] = []
@@ -89,7 +89,7 @@ def test_ms_per_edit(benchmark, tmp_path_factory, report_speedup, editor_name, m
 
     benchmark.pedantic(one_edit, rounds=N_EDITS, iterations=1)
     ms = 1000 * sum(times) / len(times)
-    benchmark.extra_info.update(model=model_name, editor=editor_name, ms_per_edit=ms, prepare_s=prep_s,
+    benchmark.extra_info.update(model=model_name, editor=editor_name, ms_per_edit=ms, setup_s=prep_s,
                                 layers=editor.layers, steps=hp.v_num_grad_steps)
     report_speedup(f"{editor_name} on {model_name}: {ms:.0f} ms per edit (layers {editor.layers}, "
-                   f"{hp.v_num_grad_steps} δ steps; one-off prepare {prep_s:.1f} s)")
+                   f"{hp.v_num_grad_steps} δ steps; one-off setup {prep_s:.1f} s)")

@@ -69,7 +69,7 @@ def _stats_cache(tmp_path_factory):
 def test_edit_speed(benchmark, lm, zsre, editor_name):
     """One edit and the exact restore after it (the single protocol's inner step)."""
     from knowbench import registry
-    from knowbench.editor import EditContext
+    from knowbench.editor import RunContext, StatsOptions
     from knowbench.runner import _requests
 
     records, _ = zsre
@@ -78,7 +78,7 @@ def test_edit_speed(benchmark, lm, zsre, editor_name):
     except registry.PluginError as exc:
         pytest.skip(str(exc))
     hp = cls.default_hparams(lm.model, MODEL)
-    ctx = EditContext(seed=0, model_name=MODEL, device="cpu", extras={"corpus": CORPUS, "corpus_name": "bench"})
+    ctx = RunContext(seed=0, model_name=MODEL, device="cpu", stats=StatsOptions(corpus=CORPUS, corpus_name="bench"))
     editor = cls(lm.model, lm.tokenizer, hp, ctx)
     requests = _requests(records[:1])
     editor.apply(requests)  # warm-up: key statistics and caches are built once, outside the timing
@@ -98,8 +98,10 @@ def test_evaluation_speed(benchmark, lm, zsre, fluency):
 
     records, task = zsre
     records = records[:8] if not fluency else records[:2]
-    ev = Evaluator(lm.model, lm.tokenizer, task.kind, EvalConfig(fluency=fluency, seed=0))
-    ev.prepare(records)
+    cfg = EvalConfig(fluency=fluency, seed=0)
+    family = task.family_class()(None, cfg)
+    family.prepare(records)
+    ev = Evaluator(lm.model, lm.tokenizer, family, cfg)
     ref = ev.reference(records)
     scores = benchmark.pedantic(ev.evaluate, args=(records, ref), rounds=5, iterations=1)
     assert len(scores) == len(records)

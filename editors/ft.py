@@ -1,7 +1,7 @@
 """FT-L and FT-M: constrained fine-tuning of one MLP weight (DESIGN section 6).
 
-Only W, the rewrite module's weight at ``layer`` (the MLP output projection), is trained; every
-other parameter is frozen. With prompt tokens x and target tokens y = (y_1..y_m):
+Only W (d_out, d_in), the rewrite module's weight at ``layer`` (the MLP output projection), is
+trained; every other parameter is frozen. With prompt tokens x and target tokens y = (y_1..y_m):
 
     FT-M   L(W) = −(1/m) Σ_j log p_W(y_j | x, y_<j)         cross-entropy on the target, prompt masked
     FT-L   L(W) = −(1/m) Σ_j log p_W(y_j | x)               every target token scored at the last
@@ -16,12 +16,16 @@ the same layer fraction.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from knowbench.editor import EditContext, EditOutcome, EditRequest, WeightEditor
+from knowbench.editor import ChangeKind, EditOutcome, EditRequest, RunContext, Site, WeightEditor
+from knowbench.scoring import target_spans
+from knowbench.tokens import pad_batch, pad_id
+
+from .hparams_yaml import find_hparams_file
 
 
 @dataclass
@@ -39,37 +43,33 @@ def _default_layer(n_layers: int) -> int:
 
 
 class _FineTune(WeightEditor):
-    hparams_cls = FTHparams
-    supports_batch = True
-    last_position_only = False
+    hparams_cls: ClassVar[type] = FTHparams
+    kind: ClassVar[ChangeKind] = ChangeKind.WEIGHTS
+    supports_batch: ClassVar[bool] = True
+    last_position_only: ClassVar[bool] = False
 
     @classmethod
     def default_hparams(cls, model: Any, model_name: str = "") -> FTHparams:
         """editors/hparams/{ft-l,ft-m}-*.yaml when one matches the model, else the references'."""
-        from knowbench.locate import find_hparams_file
-
         found = find_hparams_file(cls.name, model, model_name)
         return cls.hparams_cls(**found[1]) if found else cls.hparams_cls()
 
-    def __init__(self, model: Any, tokenizer: Any, hparams: FTHparams, context: EditContext):
+    def __init__(self, model: Any, tokenizer: Any, hparams: FTHparams, context: RunContext):
         super().__init__(model, tokenizer, hparams, context)
         self.layer = hparams.layer if hparams.layer >= 0 else _default_layer(self.adapter.n_layers)
         self.param_name = self.adapter.rewrite_param_name(self.layer)
 
+    def sites(self) -> list[Site]:
+        """The one trained weight; fine-tuning solves with no second moment."""
+        return [Site(self.layer, self.adapter.rewrite_name(self.layer), self.param_name, second_moment=None)]
+
     def _batch(self, requests: list[EditRequest]):
         """Token ids of prompt + target, with labels only where the loss reads them."""
-        from knowbench.scoring import target_spans
-
         spans = target_spans(self.tok, [(r.prompt, r.target_new) for r in requests])
-        width = max(len(ids) for ids, _ in spans)
-        pad = self.tok.pad_token_id
-        input_ids = torch.full((len(spans), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
+        # right padding keeps positions 0..n-1 without explicit position ids
+        input_ids, mask, _, _ = pad_batch([ids for ids, _ in spans], pad_id(self.tok), "right")
         labels = torch.full_like(input_ids, -100)
         for row, (ids, start) in enumerate(spans):
-            # right padding keeps positions 0..n-1 without explicit position ids
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
             labels[row, start : len(ids)] = torch.tensor(ids[start:])
         return input_ids, mask, labels, spans
 
@@ -92,7 +92,7 @@ class _FineTune(WeightEditor):
     def apply(self, requests: list[EditRequest]) -> EditOutcome:
         hp: FTHparams = self.hparams
         weight = self.param(self.param_name)
-        original = self._saved[self.param_name]
+        original = self.original(self.param_name)
         input_ids, mask, labels, spans = self._batch(requests)
         input_ids, mask, labels = (t.to(weight.device) for t in (input_ids, mask, labels))
 

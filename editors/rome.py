@@ -2,12 +2,13 @@
 
 For an edit (subject s in prompt x, new target y) at layer l:
 
-* k  = the key (input of W) at the last subject token of the bare prompt;
+* k  = the key (input of W) at the last subject token of the bare prompt, (d_in,);
   k* = the mean key over the context prompts "{prefix}{x}" (the bare prompt and ~20 prefixes
-  sampled from the model once per run);
-* v  = W k + b, the value at the bare prompt; v* = v + δ with δ from the optimisation in
-  :mod:`knowbench.locate` (target NLL + KL + weight decay, norm clamp, early stop);
-* with C = E[k kᵀ] (``mom2_adjustment``; C = I when off) and u = C⁻¹k*, solved in float64:
+  sampled from the model once per run), (d_in,);
+* v  = W k + b, the value at the bare prompt, (d_out,); v* = v + δ with δ from the optimisation in
+  :mod:`knowbench.editors.locate` (target NLL + KL + weight decay, norm clamp, early stop);
+* with C = E[k kᵀ] (d_in, d_in) (``mom2_adjustment``; C = I when off) and u = C⁻¹k*, solved in
+  float64, ΔW (d_out, d_in):
 
       key_mode "rome"   (reference)  ΔW = (v* − W k − b) uᵀ / (kᵀu)      maps k  to v*
       key_mode "r-rome"              ΔW = δ uᵀ / (k*ᵀu),  v* = W k* + b + δ   maps k* to v*
@@ -31,7 +32,8 @@ from typing import Any, ClassVar
 import torch
 
 from knowbench.editor import EditOutcome, EditRequest, LayerTrace
-from knowbench.locate import LocateEditor, LocateHparams, optimise_targets, weighted_keys
+
+from .locate import LocateEditor, LocateHparams, c_solve, optimise_targets, quarter_depth, weighted_keys
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,11 @@ class ROME(LocateEditor):
     hparams_cls: ClassVar[type] = ROMEHparams
     supports_batch: ClassVar[bool] = False
 
+    @classmethod
+    def default_layers(cls, n_layers: int) -> list[int]:
+        """One layer, at a quarter of the depth (for a model no YAML matches)."""
+        return [quarter_depth(n_layers)]
+
     def __init__(self, model: Any, tokenizer: Any, hparams: ROMEHparams, context: Any):
         super().__init__(model, tokenizer, hparams, context)
         if hparams.key_mode not in KEY_MODES:
@@ -69,7 +76,7 @@ class ROME(LocateEditor):
 
     def apply(self, requests: list[EditRequest]) -> EditOutcome:
         self.check_requests(requests)
-        self.prepare()
+        self.setup()
         ctx = self.contexts()
         mode = self.hparams.key_mode
         rows: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {l: [] for l in self.layers}
@@ -83,8 +90,7 @@ class ROME(LocateEditor):
                 k = keys[0].double()  # row 0: the bare prompt
                 k_star = weighted_keys(keys, t.batch, ctx)[0]
                 delta = t.delta[0].double()
-                sm = self.second_moment(layer)
-                u = sm.solve(k_star) if sm is not None else k_star.clone()
+                u = c_solve(self.second_moment(layer), k_star)  # C⁻¹k* (d_in,)
                 before_star = self.rewrite_out(layer, k_star[None])[0]
                 if mode == "rome":
                     v_star = t.init[0].double() + delta  # v at the bare prompt, plus δ

@@ -57,6 +57,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    "else the hub); 'model' samples text from the model itself (recorded in the result)")
     p.add_argument("--stats-samples", type=int, default=None, metavar="N", help="texts C is computed over")
     p.add_argument("--eval-batch-size", type=int, default=32, help="prompts per evaluation forward pass")
+    p.add_argument("--train-data", default=None, metavar="FILE",
+                   help="training split for trainable editors (default: the task's training file beside --data)")
     p.add_argument("--no-fluency", action="store_true", help="skip the generation-based fluency metric")
     p.add_argument("--no-diagnostics", action="store_true", help="skip the per-edit superposition diagnostics")
     from .study import add_run_arguments
@@ -88,11 +90,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed, output=args.output, device=args.device, dtype=args.dtype, hparams=args.hparams,
         eval_batch_size=args.eval_batch_size, fluency=not args.no_fluency, curve_every=_curve_every(args),
         curve_probes=args.curve_probes, log_records=args.log_records, diagnostics=not args.no_diagnostics,
+        train_data=args.train_data,
     )
     from .study import run_options
 
     cfg.extra["diagnostics"] = run_options(args.diagnostics_probes, args.diagnostics_max_probes)
-    stats = {"corpus": args.stats_corpus, "stats_source": args.stats_source, "stats_samples": args.stats_samples}
+    stats = {"corpus": args.stats_corpus, "source": args.stats_source, "samples": args.stats_samples}
     cfg.extra["stats"] = {k: v for k, v in stats.items() if v is not None}
     result = run(cfg)
     records = result.pop("_records")
@@ -163,9 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ls(sub)
     _add_world(sub)
     from .leaderboard import add_leaderboard, add_submit
+    from .schema import add_schema
     from .validate import add_validate
 
     add_validate(sub)
+    add_schema(sub)
     add_submit(sub)
     add_leaderboard(sub)
     from .plots import add_plot

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .editor import StatsOptions
     from .models import LoadedModel
     from .task import Task
 
@@ -45,12 +46,30 @@ def default_model() -> str:
     return EMBEDDED_MODEL
 
 
-def editor_extras(model_name: str, lm: "LoadedModel") -> dict[str, Any]:
-    """Run-wide inputs for editors: the text corpus their key statistics are computed on."""
-    extras: dict[str, Any] = {}
+def is_embedded(model_name: str) -> bool:
+    """Whether ``model_name`` names the embedded world model (by its name or its folder)."""
+    name = str(model_name).replace("\\", "/").rstrip("/").lower()
+    return name == EMBEDDED_MODEL or name.endswith("knowbench/world/data/model")
+
+
+def stats_options(model_name: str, lm: "LoadedModel | None" = None) -> "StatsOptions":
+    """Where the key statistics C = E[kkᵀ] come from by default: the embedded model's own training
+    text for the embedded model, else nothing named (each editor's ``mom2_dataset``). The runner
+    applies ``--stats-corpus / --stats-source / --stats-samples`` on top."""
+    from .editor import StatsOptions
+
     world = _world()
     if model_name == EMBEDDED_MODEL and world is not None:
         # the embedded model's own training text: its key statistics come from what it was trained on
-        extras["corpus"] = world.render_corpus(world.generate(world.DEFAULT_SEED), world.DEFAULT_SEED)
-        extras["corpus_name"] = f"knowbench-world-s{world.DEFAULT_SEED}"
-    return extras
+        return StatsOptions(
+            corpus=world.render_corpus(world.generate(world.DEFAULT_SEED), world.DEFAULT_SEED),
+            corpus_name=f"knowbench-world-s{world.DEFAULT_SEED}",
+        )
+    return StatsOptions()
+
+
+def stats_ridge(model_name: str) -> float:
+    """The ridge (× mean diag C) the superposition analysis whitens with: 0.01 for the embedded model,
+    whose MLP has units that never fire on its corpus (so C is singular; its editors' YAML use the
+    same ``mom2_ridge``), none otherwise."""
+    return 0.01 if is_embedded(model_name) else 0.0

@@ -50,46 +50,13 @@ from torch import nn
 
 from . import superposition as S
 from .arch import ArchAdapter
+from .records import KeyProbe
 
 log = logging.getLogger("knowbench")
 
 
 # -- probes -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ProbeItem:
-    """One key of original knowledge: read at the last token of ``subject`` in ``prompt`` (or the
-    prompt's last token when ``subject`` is None). ``record``/``key``/``item`` name the locality
-    item it stands for (record index, locality sub-key, position), when it stands for one."""
-
-    prompt: str
-    subject: str | None = None
-    record: int | None = None
-    key: str | None = None
-    item: int | None = None
-
-
-def locality_probes(records: Sequence[Any], kind: str, shared: dict[str, Any] | None = None) -> list[ProbeItem]:
-    """The probe set of a task's selected records: one probe per locality item, in record order."""
-    out: list[ProbeItem] = []
-    if kind == "sanitation":
-        from .evaluation import sanitation_probes
-
-        per = sanitation_probes(records, shared or {})
-        for r in records:
-            for i, p in enumerate(per.get(r.index, [])):
-                out.append(ProbeItem(p.prompt, None, r.index, "locality", i))
-        return out
-    for r in records:
-        if kind == "convsent":
-            prompt, topic = r.extra.get("locality_prompt"), r.extra.get("locality_topic")
-            if prompt:  # ConvSent's locality is a KL divergence: no flip, so no owner item
-                out.append(ProbeItem(prompt, topic if topic and topic in prompt else None, r.index, None, None))
-            continue
-        for key, probes in r.locality.items():
-            for i, p in enumerate(probes):
-                subj = r.subject if r.subject and r.subject in p.prompt else None
-                out.append(ProbeItem(p.prompt, subj, r.index, key, i))
-    return out
+ProbeItem = KeyProbe  # the name the diagnostics used before probes moved to knowbench.records
 
 
 def file_probes(path: str | Path) -> list[ProbeItem]:
@@ -163,57 +130,6 @@ def capture_keys(
         if was_training:
             model.train(True)
     return out
-
-
-# -- which layers, which C, which W_0 ---------------------------------------------------------------
-def editor_layers(editor: Any) -> list[int] | None:
-    """The rewrite layers an editor will change, if it says (``layers`` / ``layer`` on the editor,
-    else non-negative ones in its hparams); None if unknown (then every layer is watched)."""
-    for source in (editor, getattr(editor, "hparams", None)):
-        if source is None:
-            continue
-        for name in ("layers", "layer"):
-            val = getattr(source, name, None)
-            if isinstance(val, int) and not isinstance(val, bool):
-                val = [val]
-            if isinstance(val, (list, tuple)) and val and all(isinstance(v, int) for v in val):
-                if source is editor or all(v >= 0 for v in val):
-                    return sorted(set(val))
-    return None
-
-
-def editor_moments(editor: Any) -> Callable[[int], Any]:
-    """layer -> the C the editor solved with (a SecondMoment, a tensor or a Whitener), or None.
-
-    Looks for ``editor.second_moment(layer)``, then for a dict {layer: SecondMoment} among the
-    editor's attributes (editors keep the statistics they loaded), so the factorisation an editor
-    already made is reused and nothing is recomputed."""
-
-    def get(layer: int) -> Any:
-        fn = getattr(editor, "second_moment", None)
-        if callable(fn):
-            try:
-                got = fn(layer)
-            except (KeyError, IndexError, LookupError):
-                got = None
-            if got is not None:
-                return got
-        for val in vars(editor).values():
-            if isinstance(val, dict) and layer in val and _is_moment(val[layer]):
-                return val[layer]
-        return None
-
-    return get
-
-
-def _is_moment(x: Any) -> bool:
-    return isinstance(x, S.Whitener) or (hasattr(x, "mom2") and hasattr(x, "cholesky"))
-
-
-def _identity_moment(editor: Any) -> bool:
-    """ROME-style editors with the second-moment adjustment off solve with C = I."""
-    hp = getattr(editor, "hparams", None)
-    return hp is not None and getattr(hp, "mom2_adjustment", True) is False
 
 
 # -- growable row buffers -----------------------------------------------------------------------------
@@ -525,7 +441,7 @@ class EditDiagnostics:
             return st.whitener
         try:
             src = self.moments(st.layer)
-            if src is None and self.identity_moment:
+            if (src is None and self.identity_moment) or (isinstance(src, str) and src == "identity"):
                 src = torch.eye(st.probe_keys.shape[1], dtype=torch.float64)
                 st.whitener_info["source"] = "identity (the editor solves with C = I)"
             if src is None:
@@ -616,7 +532,7 @@ class EditDiagnostics:
 
     def result(self, post: Any = None, eval_timing: str = "each") -> dict[str, Any]:
         """What the runner stores under ``result["diagnostics"]``."""
-        return {"edits": self.entries, "summary": self.summary(post, eval_timing)}
+        return {"kind": "weights", "edits": self.entries, "summary": self.summary(post, eval_timing)}
 
 
 # -- helpers ------------------------------------------------------------------------------------------
@@ -737,47 +653,65 @@ def _auroc(probes: list[ProbeItem], post_map: dict[int, Any], obs: dict[int, flo
 
 
 # -- building it for a run ------------------------------------------------------------------------------
-def for_run(
-    lm_model: nn.Module,
-    tok: Any,
-    editor: Any,
-    records: Sequence[Any],
-    kind: str,
-    shared: dict[str, Any] | None,
-    *,
-    sequential: bool,
-    seed: int = 0,
-    options: dict[str, Any] | None = None,
-) -> EditDiagnostics:
-    """The diagnostics of one run, on the still unedited model.
-
-    ``options`` (RunConfig.extra["diagnostics"]): ``probes`` (a file of probe facts in any format
+def diagnostics_config(options: dict[str, Any] | None, *, sequential: bool, seed: int) -> DiagnosticsConfig:
+    """``options`` (RunConfig.extra["diagnostics"]): ``probes`` (a file of probe facts in any format
     ``knowbench superposition`` reads), ``max_probes`` (default 512), ``batch_size``."""
     options = dict(options or {})
     unknown = set(options) - {"probes", "max_probes", "batch_size"}
     if unknown:
         raise ValueError(f"unknown diagnostics option(s) {', '.join(sorted(unknown))}; valid: probes, max_probes, batch_size")
-    cfg = DiagnosticsConfig(
+    return DiagnosticsConfig(
         probes=options.get("probes"), max_probes=options.get("max_probes", 512),
         batch_size=int(options.get("batch_size", 32)), seed=seed, sequential=sequential,
     )
+
+
+def run_probes(task_probes: list[KeyProbe], cfg: DiagnosticsConfig) -> tuple[list[KeyProbe], str]:
+    """The probe keys of a run (the task's locality items, or ``cfg.probes``' facts), capped."""
     if cfg.probes:
         probes, source = file_probes(cfg.probes), f"file {cfg.probes}"
     else:
-        probes, source = locality_probes(records, kind, shared), "task locality items"
+        probes, source = task_probes, "task locality items"
     n_all = len(probes)
-    probes = cap_probes(probes, cfg.max_probes, seed)
+    probes = cap_probes(probes, cfg.max_probes, cfg.seed)
     if n_all > len(probes):
         source += f" (seeded sample of {len(probes)} of {n_all})"
+    return probes, source
+
+
+def for_run(
+    lm_model: nn.Module,
+    tok: Any,
+    sites: Sequence[Any],
+    records: Sequence[Any],
+    task_probes: list[KeyProbe],
+    *,
+    sequential: bool,
+    seed: int = 0,
+    options: dict[str, Any] | None = None,
+) -> EditDiagnostics:
+    """The weight diagnostics of one run, on the still unedited model, watching the editor's
+    ``sites()`` (every rewrite layer when it names none)."""
+    cfg = diagnostics_config(options, sequential=sequential, seed=seed)
+    probes, source = run_probes(task_probes, cfg)
     if not probes:
         log.warning("diagnostics: no probe keys (the selected records have no locality items); only "
                     "interference on earlier edits is measured")
-    saved = getattr(editor, "_saved", None)
-    originals = saved.get if isinstance(saved, dict) else None  # WeightEditor's snapshot of W_0
+    by_layer = {site.layer: site for site in sites}
+    by_param = {site.param: site for site in sites}
+
+    def moments(layer: int) -> Any:
+        site = by_layer.get(layer)
+        return site.second_moment if site is not None else None
+
+    def originals(param: str) -> torch.Tensor | None:
+        site = by_param.get(param)
+        return site.original if site is not None else None
+
     diag = EditDiagnostics(
-        lm_model, tok, probes, editor_layers(editor),
-        moments=editor_moments(editor), originals=originals, config=cfg, probe_source=source,
-        identity_moment=_identity_moment(editor),
+        lm_model, tok, probes, sorted(by_layer) or None, moments=moments,
+        originals=originals if any(site.original is not None for site in sites) else None,
+        config=cfg, probe_source=source,
     )
     diag.run_items = [(getattr(r, "prompt"), _subject_in(r)) for r in records]
     return diag
@@ -848,20 +782,3 @@ def print_diagnostics(result: dict[str, Any], console: Any) -> None:
         console.print(t)
         for line in diagnostics_notes(result):
             console.print(line, style="dim", markup=False, highlight=False)
-
-
-def for_runner(cfg: Any, editor_cls: type, editor: Any, lm: Any, records: Sequence[Any], task: Any,
-               report: Any, protocol: str) -> EditDiagnostics | None:
-    """The runner's entry point: diagnostics for this run, or None when switched off
-    (``--no-diagnostics``) or when the editor changes no weights."""
-    if not getattr(cfg, "diagnostics", True):
-        return None
-    if not getattr(editor_cls, "changes_weights", True):
-        log.info("diagnostics: editor %s changes no weights; no interference to measure", getattr(cfg, "editor", ""))
-        return None
-    return for_run(
-        lm.model, lm.tokenizer, editor, records, task.kind, getattr(report, "shared", None),
-        sequential=protocol == "sequential", seed=getattr(cfg, "seed", 0),
-        options=(getattr(cfg, "extra", None) or {}).get("diagnostics"),
-    )
-

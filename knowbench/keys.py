@@ -1,26 +1,23 @@
 """Keys and values of the rewrite module, read with hooks, and the forward pass reused below an edit.
 
 Notation (DESIGN 6): at layer l the rewrite module is the MLP output projection W; its *input* at
-the last token of the subject is the key k, its output the value v = W k (+ bias). Locate-then-edit
-editors need, per edit:
+the last token of the subject is the key k, its output the value v = W k (+ bias). What reads keys
+(the superposition diagnostics and study, and the locate-then-edit editors built on them) needs:
 
 * where the subject's last token is in a tokenized prompt, under BOS tokens, prefixes and padding
   (:func:`subject_index`);
-* context templates: short texts sampled from the model once per run and put in front of the prompt,
-  so that k* (the mean key over contexts) describes the subject rather than one sentence
-  (:func:`sample_prefixes`, :class:`ContextSet`);
 * k and v for a batch of rows at chosen positions (:func:`record`), and the residual stream that
-  enters a block, kept so that the layers *below* it never run again while δ is optimised or while
-  MEMIT walks up its layers (:class:`Recording`, :meth:`Recording.replay`).
+  enters a block, kept so that the layers *below* it never run again while later blocks are rerun
+  (:class:`Recording`, :meth:`Recording.replay`);
+* the LM head on selected rows of the residual stream (:func:`lm_logits`).
 
-Rows are padded on the right internally, whatever the tokenizer's padding side, with explicit
-position ids, so a row's token positions are the ones it has alone.
+Rows are padded on the right internally (:func:`pad_right`, i.e. :func:`knowbench.tokens.pad_batch`),
+whatever the tokenizer's padding side, with explicit position ids, so a row's token positions are the
+ones it has alone.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -28,7 +25,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from .arch import ArchAdapter, cache_kwargs, returned_cache
+from .arch import ArchAdapter
+from .tokens import pad_batch, pad_id  # noqa: F401 - pad_id: re-exported for the key readers
 
 
 class StopForward(Exception):
@@ -95,121 +93,10 @@ def subject_indices(
     return out
 
 
-# -- context templates -------------------------------------------------------------------------
-@dataclass
-class ContextSet:
-    """Prefixes put before a prompt ("" is the bare prompt) and the weight of each in k*.
-
-    ROME averages keys over all contexts equally; MEMIT averages the bare prompt's key with the mean
-    of the prefixed ones (weights 1/2 and 1/(2n)).
-    """
-
-    prefixes: list[str]
-    weights: list[float]
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if len(self.prefixes) != len(self.weights) or not self.prefixes:
-            raise ValueError("ContextSet needs one weight per prefix and at least one prefix")
-        if self.prefixes[0] != "":
-            raise ValueError("the first context must be the bare prompt ('')")
-
-    def __len__(self) -> int:
-        return len(self.prefixes)
-
-    @property
-    def sha(self) -> str:
-        return hashlib.sha256(json.dumps(self.prefixes).encode()).hexdigest()[:12]
-
-    @classmethod
-    def flat(cls, prefixes: list[str], seed: int = 0) -> "ContextSet":
-        allp = [""] + prefixes
-        return cls(allp, [1.0 / len(allp)] * len(allp), seed)
-
-    @classmethod
-    def grouped(cls, prefixes: list[str], seed: int = 0) -> "ContextSet":
-        if not prefixes:
-            return cls([""], [1.0], seed)
-        return cls([""] + prefixes, [0.5] + [0.5 / len(prefixes)] * len(prefixes), seed)
-
-
-def _clean_prefix(text: str) -> str:
-    # braces would confuse anyone formatting templates; newlines break one-line prompts
-    text = " ".join(text.replace("{", " ").replace("}", " ").split())
-    return text + ". "
-
-
-@torch.no_grad()
-def sample_prefixes(
-    model: nn.Module,
-    tok: Any,
-    length_params: Sequence[Sequence[int]],
-    seed: int,
-    starts: Sequence[str] | None = None,
-    top_k: int = 5,
-) -> list[str]:
-    """Short texts sampled from the model (top-k sampling, seeded), each ending in ". ".
-
-    ``length_params`` is a list of (total tokens including the start, count). With ``starts``
-    (e.g. MEMIT's "The", "Therefore", ...) each length draws count // len(starts) texts per start
-    word; without, generation starts from the BOS (or EOS) token alone, as ROME does.
-    """
-    device = next(model.parameters()).device
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    was_training = model.training
-    model.eval()
-    out: list[str] = []
-    try:
-        for length, count in length_params:
-            length, count = int(length), int(count)
-            if starts:
-                per = count // len(starts)
-                groups = [(tok(s, add_special_tokens=True)["input_ids"], per) for s in starts]
-            else:
-                bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-                if bos is None:
-                    raise ValueError("tokenizer has neither a BOS nor an EOS token to start sampling from")
-                groups = [([bos], count)]
-            for ids, n in groups:
-                if n <= 0:
-                    continue
-                seq = torch.tensor([ids] * n, device=device)
-                n_new = max(0, length - seq.shape[1])
-                past, step_in = None, seq
-                for _ in range(n_new):  # all rows have the same length: no padding, a plain KV cache
-                    mask = torch.ones(seq.shape, dtype=torch.long, device=device)
-                    res = model(input_ids=step_in, attention_mask=mask, **cache_kwargs(model, past))
-                    past = returned_cache(res)
-                    probs = torch.softmax(res.logits[:, -1, :].float(), dim=-1)
-                    top = torch.topk(probs, top_k, dim=-1)
-                    pick = torch.multinomial(top.values.cpu(), 1, generator=gen).to(device)
-                    step_in = top.indices.gather(1, pick)
-                    seq = torch.cat([seq, step_in], dim=1)
-                for row in seq.tolist():
-                    out.append(_clean_prefix(tok.decode(row, skip_special_tokens=True)))
-    finally:
-        model.train(was_training)
-    return out
-
-
 # -- token rows --------------------------------------------------------------------------------
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: Any = "cpu"):
     """input_ids, attention_mask, position_ids of right-padded rows (positions as each row alone)."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[r, : len(s)] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), pos.to(device)
-
-
-def pad_id(tok: Any) -> int:
-    for cand in (tok.pad_token_id, tok.eos_token_id, getattr(tok, "unk_token_id", None)):
-        if cand is not None:
-            return int(cand)
-    return 0
+    return pad_batch(seqs, pad_id, "right", device)[:3]
 
 
 def _first(out: Any) -> torch.Tensor:

@@ -16,7 +16,8 @@ Tables: one per (task, protocol). A row is one (editor, model, data) with its me
 over the seeds submitted for it; columns are KnowEdit's (Edit Succ., Portability, Locality,
 Fluency) plus Rephrase, which KnowEdit's table omits. A metric the run did not measure is an empty
 cell, never 0. Rows are ranked within each (model, data) on Edit Succ., then Portability, Locality,
-Fluency (each in its better direction); the HTML page sorts by any column.
+Fluency (each in its better direction, as the task's metric family says); the HTML page sorts by
+any column. Metric names, labels, directions and protocol keys come from ``knowbench.schema``.
 
 Importing this module imports no torch.
 """
@@ -30,15 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from tabulate import tabulate
+
 from .results import write_json_atomic
+from .schema import KNOWEDIT_COLUMNS as COLUMNS
+from .schema import KNOWEDIT_METRICS, KNOWEDIT_TASK_ORDER, RANK_ORDER, MetricSpec, metric_family, protocol_key, protocol_label, protocol_sort
 from .validate import Report, ValidationError, validate_file
 
-COLUMNS = ("edit_succ", "rephrase", "portability", "locality", "fluency")
-LABELS = {"edit_succ": "Edit Succ.", "rephrase": "Rephrase", "portability": "Portability",
-          "locality": "Locality", "fluency": "Fluency"}
-RANK_ORDER = ("edit_succ", "portability", "locality", "fluency", "rephrase")
-# KnowEdit's column order of tasks; tasks it does not know come after, by name
-TASK_ORDER = ("wiki_recent", "zsre", "wikibio", "counterfact", "convsent", "sanitation")
+LABELS = {name: spec.label for name, spec in KNOWEDIT_METRICS.items()}
 GENERATED = ("README.md", "index.html")
 RESULTS = "results"
 
@@ -52,31 +52,6 @@ def slug(text: str) -> str:
     """A file-name-safe form of an id: ``meta-llama/Llama-2-7b`` -> ``meta-llama--Llama-2-7b``."""
     s = re.sub(r"[^A-Za-z0-9._-]+", "-", str(text).strip().replace("/", "--")).strip("-.")
     return s or "_"
-
-
-def protocol_key(p: dict[str, Any]) -> str:
-    name = p["name"]
-    if name == "single":
-        return "single"
-    if name == "batch":
-        return f"batch{p['batch_size']}"
-    key = f"sequential{p['n_edits']}-{p['eval_timing']}"
-    return key + (f"-b{p['batch_size']}" if p.get("batch_size", 1) > 1 else "")
-
-
-def protocol_label(p: dict[str, Any]) -> str:
-    name = p["name"]
-    if name == "single":
-        return "single"
-    if name == "batch":
-        return f"batch B={p['batch_size']}"
-    label = f"sequential T={p['n_edits']} ({'each edit right after it' if p['eval_timing'] == 'each' else 'all on the final model'})"
-    return label + (f", B={p['batch_size']}" if p.get("batch_size", 1) > 1 else "")
-
-
-def _protocol_sort(p: dict[str, Any]) -> tuple:
-    return ({"single": 0, "batch": 1, "sequential": 2}.get(p["name"], 3),
-            p["n_edits"] if p["name"] == "sequential" else 0, p["eval_timing"] != "each", p["batch_size"])
 
 
 @dataclass(frozen=True)
@@ -162,8 +137,12 @@ class Table:
     protocol: str  # the key, e.g. sequential1000-each
     protocol_label: str
     columns: list[str]
-    lower_is_better: set[str]
+    specs: dict[str, MetricSpec]  # column -> its spec in the task's metric family
     rows: list[Row] = field(default_factory=list)
+
+    @property
+    def lower_is_better(self) -> set[str]:
+        return {c for c in self.columns if not self.specs[c].higher_is_better}
 
     @property
     def title(self) -> str:
@@ -174,7 +153,9 @@ class Table:
         return slug(f"{self.task}-{self.protocol}").lower()
 
     def header(self, col: str) -> str:
-        return LABELS.get(col, col) + (" (KL) ↓" if col in self.lower_is_better else " ↑")
+        spec = self.specs[col]
+        unit = " (KL)" if spec.unit == "kl" else ""
+        return spec.label + unit + (" ↑" if spec.higher_is_better else " ↓")
 
 
 def _data_id(result: dict[str, Any]) -> tuple[str, str, str]:
@@ -186,8 +167,10 @@ def _data_id(result: dict[str, Any]) -> tuple[str, str, str]:
     return ident, label, title
 
 
-def _task_sort(name: str) -> tuple:
-    return (TASK_ORDER.index(name) if name in TASK_ORDER else len(TASK_ORDER), name)
+def _task_sort(name: str, knowedit_name: str | None) -> tuple:
+    """KnowEdit's column order of tasks (by the name KnowEdit gives the task); others after, by name."""
+    order = KNOWEDIT_TASK_ORDER
+    return (order.index(knowedit_name) if knowedit_name in order else len(order), name)
 
 
 def build_tables(entries: Sequence[Entry], task: str | None = None) -> list[Table]:
@@ -198,7 +181,8 @@ def build_tables(entries: Sequence[Entry], task: str | None = None) -> list[Tabl
     by_table: dict[tuple[str, str], list[Entry]] = {}
     for e in entries:
         by_table.setdefault((e.result["task"]["name"], protocol_key(e.result["protocol"])), []).append(e)
-    order = sorted(by_table, key=lambda k: (_task_sort(k[0]), _protocol_sort(by_table[k][0].result["protocol"])))
+    order = sorted(by_table, key=lambda k: (_task_sort(k[0], by_table[k][0].result["task"].get("knowedit_name")),
+                                            protocol_sort(by_table[k][0].result["protocol"])))
     return [_table(by_table[k]) for k in order]
 
 
@@ -226,13 +210,13 @@ def _task_names(task: str, entries: Sequence[Entry]) -> set[str]:
 
 def _table(entries: list[Entry]) -> Table:
     first = entries[0].result
-    lower = {c for c in COLUMNS
-             if any(e.result["metrics"]["post"].get(c, {}).get("higher_is_better") is False for e in entries)}
+    family = metric_family(first)
+    specs = {c: (family.spec(c) if family else None) or KNOWEDIT_METRICS[c] for c in COLUMNS}
     present = [c for c in COLUMNS if any(c in e.result["metrics"]["post"] for e in entries)]
     table = Table(
         task=first["task"]["name"], task_title=f"{first['task']['knowedit_name']} ({first['task']['name']})",
         protocol=protocol_key(first["protocol"]), protocol_label=protocol_label(first["protocol"]),
-        columns=present, lower_is_better=lower,
+        columns=present, specs={c: specs[c] for c in present},
     )
     groups: dict[tuple[str, str, str], list[Entry]] = {}
     data_info: dict[str, tuple[str, str]] = {}
@@ -255,6 +239,7 @@ def _table(entries: list[Entry]) -> Table:
             seeds=[e.result["protocol"]["seed"] for e in members], values=values,
             files=[e.path.as_posix() for e in members],
         ))
+    lower = {c for c in COLUMNS if not specs[c].higher_is_better}
     for board in sorted(rows_by_board, key=lambda b: (b[0] != "embedded", b[0], data_info[b[1]][0])):
         rows = sorted(rows_by_board[board], key=lambda r: _rank_key(r, lower))
         for i, r in enumerate(rows, 1):
@@ -327,12 +312,11 @@ def render_markdown(tables: Sequence[Table], n_files: int | None = None) -> str:
             out += [f"## {t.task_title}", ""]
             last_task = t.task
         out += [f"### {t.protocol_label}", ""]
-        head = _head_cells(t)
         numeric = [True, False, False, False, True, False] + [True] * len(t.columns)
-        out.append("| " + " | ".join(_md_escape(h) for h in head) + " |")
-        out.append("|" + "|".join("---:" if n else "---" for n in numeric) + "|")
-        for r in t.rows:
-            out.append("| " + " | ".join(_md_escape(c) for c in _row_cells(t, r)) + " |")
+        out.append(tabulate(
+            [[_md_escape(c) for c in _row_cells(t, r)] for r in t.rows], [_md_escape(h) for h in _head_cells(t)],
+            tablefmt="pipe", colalign=["right" if n else "left" for n in numeric], disable_numparse=True,
+        ))
         out.append("")
     return "\n".join(out)
 

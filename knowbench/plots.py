@@ -165,8 +165,9 @@ def result_figures(result: dict[str, Any], out: Path) -> list[Path]:
     title = f"{result['editor']['name']} on {result['task']['name']} · {result['model']['id']} · {result['protocol']['name']}"
     if curve:
         ax = axes.pop(0)
-        for key, label in (("edit_succ", "Edit Succ."), ("rephrase", "Rephrase"), ("portability", "Portability"),
-                           ("locality", "Locality"), ("fluency", "Fluency")):
+        from .schema import KNOWEDIT_METRICS
+
+        for key, label in ((name, spec.label) for name, spec in KNOWEDIT_METRICS.items()):
             pts = [(pt["edits"], pt[key]) for pt in curve if key in pt]
             if pts:
                 ax.plot(*zip(*pts), marker="o", ms=3, label=label)

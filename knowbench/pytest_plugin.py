@@ -52,9 +52,11 @@ from typing import Any, Callable
 
 import pytest
 
+from .schema import KNOWEDIT_COLUMNS, ProtocolInfo, protocol_key
+
 BASELINE_FORMAT = 1
 DEFAULT_TOLERANCE = 2.0
-GATED = ("edit_succ", "rephrase", "portability", "locality", "fluency")
+GATED = KNOWEDIT_COLUMNS
 # RunConfig fields a case may set in "run" (the rest are fixed by the case key or meaningless here)
 RUN_FIELDS = ("data", "limit", "sequential", "eval_timing", "batch_size", "seed", "dtype", "device", "hparams",
               "eval_batch_size", "fluency", "curve_every", "curve_probes", "diagnostics")
@@ -89,10 +91,8 @@ class Case:
 
 def protocol_of_run(run: dict[str, Any]) -> str:
     """The protocol key a run configuration produces (same spelling as the leaderboard's)."""
-    batch = run.get("batch_size") or 1
-    if run.get("sequential"):
-        return f"sequential{run['sequential']}-{run.get('eval_timing', 'each')}" + (f"-b{batch}" if batch > 1 else "")
-    return f"batch{batch}" if batch > 1 else "single"
+    return ProtocolInfo.from_run(sequential=run.get("sequential"), batch_size=run.get("batch_size"),
+                                 eval_timing=run.get("eval_timing") or "each").key()
 
 
 class BaselineError(ValueError):
@@ -210,8 +210,6 @@ class Finding:
 
 
 def result_key(result: dict[str, Any]) -> tuple[str, str, str, str]:
-    from .leaderboard import protocol_key
-
     return (result["editor"]["name"], result["task"]["name"], result["model"]["id"],
             protocol_key(result["protocol"]))
 

@@ -15,6 +15,19 @@ class Probe:
     answer: str
 
 
+@dataclass(frozen=True)
+class KeyProbe:
+    """A key of original knowledge the diagnostics watch: read at the last token of ``subject`` in
+    ``prompt`` (or the prompt's last token when ``subject`` is None). ``record``/``key``/``item``
+    name the locality item it stands for (record index, locality sub-key, position), if any."""
+
+    prompt: str
+    subject: str | None = None
+    record: int | None = None
+    key: str | None = None
+    item: int | None = None
+
+
 @dataclass
 class EditRecord:
     """One edit and everything that is evaluated around it.

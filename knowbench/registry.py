@@ -98,3 +98,30 @@ def group_aliases(plugins: dict[str, PluginInfo]) -> list[tuple[PluginInfo, list
         out.append((infos[0], [i.name for i in infos[1:]]))
     out.sort(key=lambda pair: pair[0].name)
     return out
+
+
+def load_editor(name: str) -> tuple[PluginInfo, Any]:
+    """The editor class registered as ``name``, checked against the editor contract
+    (:func:`knowbench.editor.check_editor`): a plugin that breaks it is an error naming it."""
+    from .editor import ContractError, check_editor
+
+    info = get(EDITOR_GROUP, name)
+    try:
+        return info, check_editor(info.load(), _describe(info))
+    except ContractError as exc:
+        raise PluginError(str(exc)) from exc
+
+
+def load_task(name: str) -> tuple[PluginInfo, Any]:
+    """The task registered as ``name``, checked against the task contract, its metric family loaded."""
+    from .task import TaskContractError, check_task
+
+    info = get(TASK_GROUP, name)
+    try:
+        return info, check_task(info.load(), _describe(info))
+    except TaskContractError as exc:
+        raise PluginError(str(exc)) from exc
+
+
+def _describe(info: PluginInfo) -> str:
+    return f"{info.name!r} ({info.value} from {info.dist} {info.dist_version})"

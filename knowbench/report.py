@@ -7,44 +7,41 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-DISPLAY = {
-    "edit_succ": "Edit Succ.",
-    "rephrase": "Rephrase",
-    "portability": "Portability",
-    "locality": "Locality",
-    "fluency": "Fluency",
-}
-ORDER = ["edit_succ", "rephrase", "portability", "locality", "fluency"]
+from .schema import KNOWEDIT_COLUMNS, KNOWEDIT_METRICS, MetricFamily, MetricSpec, metric_family, protocol_key
+
+DISPLAY = {name: spec.label for name, spec in KNOWEDIT_METRICS.items()}
+ORDER = list(KNOWEDIT_COLUMNS)
 
 
-def metric_rows(pre: dict[str, Any], post: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    """(label, pre, post, n) rows: main metrics in KnowEdit's order, sub-keys indented below."""
+def metric_rows(pre: dict[str, Any], post: dict[str, Any],
+                family: MetricFamily | None = None) -> list[tuple[str, str, str, str]]:
+    """(label, pre, post, n) rows: main metrics in KnowEdit's order, sub-keys indented below; labels
+    and directions from the task's metric family (``knowbench.schema``)."""
     names = list(dict.fromkeys([*pre, *post]))
     rows = []
     for main in ORDER + sorted({n.split(".")[0] for n in names} - set(ORDER)):
         for name in [main] + sorted(n for n in names if n.startswith(main + ".")):
             if name not in pre and name not in post:
                 continue
-            label = DISPLAY.get(name, name) if "." not in name else "  " + name.split(".", 1)[1]
-            if name == "locality" and not (post.get(name) or pre.get(name) or {}).get("higher_is_better", True):
-                label += " (KL↓)"
             entry = post.get(name) or pre.get(name)
-            rows.append((label, _fmt(pre.get(name)), _fmt(post.get(name)), str(entry["n"])))
+            spec = (family.spec(name) if family else None) or KNOWEDIT_METRICS.get(name)
+            label = (spec.label if spec else name) if "." not in name else "  " + name.split(".", 1)[1]
+            if "." not in name and not entry.get("higher_is_better", True):
+                label += " (KL↓)" if spec is not None and spec.unit == "kl" else " ↓"
+            rows.append((label, _fmt(pre.get(name), spec), _fmt(post.get(name), spec), str(entry["n"])))
     return rows
 
 
-def _fmt(entry: dict[str, Any] | None) -> str:
+def _fmt(entry: dict[str, Any] | None, spec: MetricSpec | None = None) -> str:
     if entry is None:
         return ""
     # divergences are small numbers; percentages read best with two decimals
-    return f"{entry['value']:.2f}" if entry.get("higher_is_better", True) else f"{entry['value']:.4f}"
+    small = spec.unit == "kl" if spec is not None else not entry.get("higher_is_better", True)
+    return f"{entry['value']:.4f}" if small else f"{entry['value']:.2f}"
 
 
 def result_table(result: dict[str, Any]) -> Table:
-    p = result["protocol"]
-    proto = p["name"] if p["name"] == "single" else f"{p['name']} T={p['n_edits']} ({p['eval_timing']})"
-    if p["batch_size"] > 1:
-        proto += f", batch {p['batch_size']}"
+    proto = protocol_key(result["protocol"])  # the spelling of leaderboard files and baseline cases
     title = (
         f"{result['editor']['name']} on {result['task']['knowedit_name']} · model {result['model']['id']} · {proto}"
     )
@@ -53,7 +50,7 @@ def result_table(result: dict[str, Any]) -> Table:
     table.add_column("Pre-edit", justify="right")
     table.add_column("Post-edit", justify="right")
     table.add_column("n", justify="right", style="dim")
-    for row in metric_rows(result["metrics"]["pre"], result["metrics"]["post"]):
+    for row in metric_rows(result["metrics"]["pre"], result["metrics"]["post"], metric_family(result)):
         table.add_row(*row)
     return table
 

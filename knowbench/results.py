@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = "1.0"
+from .schema import INTEGRITY_ALGORITHM, SCHEMA_VERSION  # noqa: F401  (the schema's home is knowbench.schema)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -30,7 +30,7 @@ def content_hash(result: dict[str, Any]) -> str:
 
 
 def seal(result: dict[str, Any]) -> dict[str, Any]:
-    result["integrity"] = {"algorithm": "sha256-canonical-json", "sha256": content_hash(result)}
+    result["integrity"] = {"algorithm": INTEGRITY_ALGORITHM, "sha256": content_hash(result)}
     return result
 
 
@@ -60,6 +60,7 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "packages": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,

@@ -1,13 +1,14 @@
-"""The editing runner: load, select, edit under a protocol, evaluate, write the result file.
+"""The editing runner: the path of one run through the core.
 
-Protocols (DESIGN section 5):
+    registry.load_task / load_editor        plugins, checked against their contracts
+    task.reader → select                    the records (a seeded sample with --limit)
+    models.load_model, editor(…, RunContext), editor.setup(), [train / load_artefact]
+    task's metric family → Evaluator        reference and pre-edit scores on the unedited model
+    observers.observer_for(editor)          diagnostics, by the kind of change the editor makes
+    protocols (single / batch / sequential) apply → notify observers → score → restore or curve
+    schema.Result                           the result, validated against the one result model
 
-* single       each edit on the original model, evaluated, weights restored exactly;
-* batch B      B edits in one update on the original model, evaluated, restored;
-* sequential T T edits applied one after another (in updates of B) without restoring, evaluated
-               right after each update (``each``) or all on the final model (``final``); locality
-               always against the unedited model. ``curve_every`` adds a lifelong curve: a fixed
-               probe subset evaluated every k edits.
+It names no editor and no task: everything specific lives behind the plugins' hooks.
 """
 
 from __future__ import annotations
@@ -22,19 +23,23 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import __version__, registry
+from . import __version__, protocols, registry
 from .editor import (
-    EditContext,
+    Editor,
     EditRequest,
+    RunContext,
+    TrainSplit,
     hparams_hash,
     hparams_to_dict,
     load_hparams_file,
     override_hparams,
 )
 from .evaluation import EvalConfig, Evaluator, RecordScores, summarise
+from .observers import observer_for
 from .progress import progress_bar
 from .records import EditRecord, LoadReport
-from .results import SCHEMA_VERSION, environment, git_commit, peak_memory_mb, seal, sha256_file
+from .results import environment, git_commit, peak_memory_mb, seal, sha256_file
+from .schema import SCHEMA_VERSION, ResultBody, protocol_key
 
 log = logging.getLogger("knowbench")
 
@@ -60,17 +65,12 @@ class RunConfig:
     curve_probes: int = 50
     log_records: str | None = None
     diagnostics: bool = True
+    train_data: str | None = None  # a trainable editor's training split (default: beside --data)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 class RunError(ValueError):
     pass
-
-
-def protocol_name(cfg: RunConfig) -> str:
-    if cfg.sequential:
-        return "sequential"
-    return "batch" if cfg.batch_size and cfg.batch_size > 1 else "single"
 
 
 def select(report: LoadReport, n: int | None, seed: int) -> tuple[list[EditRecord], dict[str, Any]]:
@@ -112,138 +112,63 @@ def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
-    from . import defaults
-    from .models import load_model
-
+    """One run: load, select, set the editor up, score before, edit under the protocol (observers
+    notified after every apply), score after, and return the result (a dict of the
+    ``knowbench.schema.Result`` shape, validated, not yet sealed; ``_records`` holds the per-record log)."""
     t_start = time.perf_counter()
-    if cfg.eval_timing not in ("each", "final"):
-        raise RunError(f"--eval-timing must be 'each' or 'final', not {cfg.eval_timing!r}")
-    if cfg.sequential is not None and cfg.sequential < 1:
-        raise RunError("--sequential T needs T >= 1")
-    if cfg.batch_size is not None and cfg.batch_size < 1:
-        raise RunError("--batch-size B needs B >= 1")
-    seed_everything(cfg.seed)
-
-    # -- task and data ---------------------------------------------------------------------
-    task_info = registry.get(registry.TASK_GROUP, cfg.task)
-    task = task_info.load()
-    data_path = task.resolve(cfg.data)
-    report: LoadReport = task.reader(data_path)
-    _warn_bad(report)
-    n_wanted = cfg.sequential if cfg.sequential else cfg.limit
-    if cfg.sequential and cfg.limit is not None and cfg.limit < cfg.sequential:
-        raise RunError(f"--limit {cfg.limit} is smaller than --sequential {cfg.sequential}")
-    if n_wanted is not None and n_wanted > len(report.records):
-        raise RunError(
-            f"{data_path} has {len(report.records)} usable records, fewer than the {n_wanted} asked for"
+    try:
+        protocol = protocols.from_options(
+            sequential=cfg.sequential, batch_size=cfg.batch_size, eval_timing=cfg.eval_timing,
+            curve_every=cfg.curve_every, curve_probes=cfg.curve_probes,
         )
-    records, selection = select(report, n_wanted, cfg.seed)
-    if not records:
-        raise RunError(f"{data_path}: no usable records to edit")
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    seed_everything(cfg.seed)
+    task_info, task = registry.load_task(cfg.task)
+    editor_info, editor_cls = registry.load_editor(cfg.editor)
+    if protocol.batch_size > 1 and not editor_cls.supports_batch:
+        raise RunError(f"editor {editor_info.name} edits one fact at a time; drop --batch-size")
+    report, records, selection = _select_records(cfg, task, protocol)
 
-    # -- model and editor --------------------------------------------------------------------
-    model_name = cfg.model or defaults.default_model()
     t0 = time.perf_counter()
-    lm = load_model(model_name, dtype=cfg.dtype, device=cfg.device)
+    lm, model_name = _load_model(cfg)
     load_s = time.perf_counter() - t0
-    editor_info = registry.get(registry.EDITOR_GROUP, cfg.editor)
-    editor_cls = editor_info.load()
-    hp = editor_cls.default_hparams(lm.model, model_name)
-    if cfg.hparams:
-        hp = override_hparams(hp, load_hparams_file(cfg.hparams), source=f"--hparams {cfg.hparams}")
-    context = EditContext(
-        seed=cfg.seed, model_name=model_name, device=cfg.device,
-        extras={**defaults.editor_extras(model_name, lm), **cfg.extra.get("stats", {})},
-    )
-    editor = editor_cls(lm.model, lm.tokenizer, hp, context)
-    if hasattr(editor, "prepare"):  # one-off set-up (key statistics) is not edit time
-        t0 = time.perf_counter()
-        editor.prepare()
-        prepare_s = time.perf_counter() - t0
-    else:
-        prepare_s = 0.0
-    batch = cfg.batch_size or 1
-    if batch > 1 and not getattr(editor_cls, "supports_batch", False):
-        raise RunError(f"editor {cfg.editor} edits one fact at a time; drop --batch-size")
+    editor, hp = _build_editor(cfg, editor_cls, lm, model_name, task, report)
+    t0 = time.perf_counter()
+    editor.setup()  # one-off set-up (key statistics, an index) is not edit time
+    artefact = _trained(cfg, editor, editor_info.name, model_name, hp) if editor_cls.trainable else None
+    prepare_s = time.perf_counter() - t0
 
     # -- unedited reference and pre-edit metrics ------------------------------------------------
-    evaluator = Evaluator(
-        lm.model, lm.tokenizer, task.kind,
-        EvalConfig(batch_size=cfg.eval_batch_size, fluency=cfg.fluency, seed=cfg.seed),
-        shared=report.shared,
-    )
-    evaluator.prepare(records)
+    family = task.family_class()(report.shared, EvalConfig(batch_size=cfg.eval_batch_size, fluency=cfg.fluency, seed=cfg.seed))
+    evaluator = Evaluator(lm.model, lm.tokenizer, family, family.cfg)
+    family.prepare(records)
     t0 = time.perf_counter()
     log.info("evaluating %d records on the unedited model", len(records))
     ref = evaluator.reference(records, editor.rewrite_prompts)
-    pre_scores = evaluator.evaluate(records, ref, locality=False)
+    pre_scores = evaluator.evaluate(records, ref, editor.rewrite_prompts, locality=False)
     pre_s = time.perf_counter() - t0
 
-    # -- edit -------------------------------------------------------------------------------
-    protocol = protocol_name(cfg)
-    from .diagnostics import for_runner  # superposition diagnostics: probe keys on the unedited model
+    observer = None
+    if cfg.diagnostics:
+        observer = observer_for(editor, evaluator, records, family.probes(records), accumulating=protocol.accumulates,
+                                seed=cfg.seed, options=cfg.extra.get("diagnostics"))
+    loop = _edit(cfg, protocol, editor, evaluator, records, ref, observer)
 
-    diag = for_runner(cfg, editor_cls, editor, lm, records, task, report, protocol)
-    post_scores: dict[int, RecordScores] = {}
-    edit_infos: list[dict[str, Any]] = []
-    curve: list[dict[str, Any]] = []
-    edit_s = eval_s = 0.0
-    chunks = _chunks(records, batch)
-    probes = records[: cfg.curve_probes] if cfg.sequential and cfg.curve_every else []
-    next_curve = cfg.curve_every or 0
-    if probes:
-        curve.append(_curve_point(evaluator, probes, set(), ref, editor, 0))
-
-    with progress_bar(f"{cfg.editor} · {protocol}", total=len(records)) as advance:
-        done = 0
-        edited: set[int] = set()
-        for chunk in chunks:
-            t0 = time.perf_counter()
-            outcome = editor.apply(_requests(chunk))
-            dt = time.perf_counter() - t0
-            edit_s += dt
-            if diag is not None:
-                diag.after_apply(chunk, outcome, dt)
-            edit_infos.append({
-                "records": [r.index for r in chunk], "seconds": round(dt, 4),
-                "changed_params": outcome.changed_params, **outcome.info,
-            })
-            done += len(chunk)
-            edited.update(r.index for r in chunk)
-            if protocol != "sequential" or cfg.eval_timing == "each":
-                t0 = time.perf_counter()
-                for s in evaluator.evaluate(chunk, ref, editor.rewrite_prompts):
-                    post_scores[s.index] = s
-                eval_s += time.perf_counter() - t0
-            if protocol != "sequential":
-                editor.restore()
-            elif probes and done >= next_curve:
-                curve.append(_curve_point(evaluator, probes, edited, ref, editor, done))
-                while next_curve <= done:
-                    next_curve += cfg.curve_every
-            advance(len(chunk))
-        if probes and curve[-1]["edits"] != done:
-            curve.append(_curve_point(evaluator, probes, edited, ref, editor, done))
-
-    if protocol == "sequential" and cfg.eval_timing == "final":
-        t0 = time.perf_counter()
-        log.info("evaluating all %d edits on the final model", len(records))
-        for s in evaluator.evaluate(records, ref, editor.rewrite_prompts):
-            post_scores[s.index] = s
-        eval_s += time.perf_counter() - t0
-
-    post = [post_scores[r.index] for r in records]
+    post = [loop.post[r.index] for r in records]
     result: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "knowbench": {"version": __version__, "git_commit": git_commit()},
         "editor": {
-            "name": cfg.editor,
+            "name": editor_info.name,
             "distribution": editor_info.dist,
             "version": editor_info.dist_version,
             "hparams": hparams_to_dict(hp),
             "hparams_hash": hparams_hash(hp),
             "hparams_file": cfg.hparams,
-            "provenance": editor.provenance() if hasattr(editor, "provenance") else {},
+            "provenance": editor.provenance(),
+            "kind": editor_cls.kind.value,
+            "artefact": artefact,
         },
         "model": {
             "id": model_name,
@@ -269,38 +194,145 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             "n_records_usable": len(report.records),
             "bad_records": [asdict(b) for b in report.bad],
             "selection": selection,
+            "metric_family": family.spec.model_dump(),
         },
-        "protocol": {
-            "name": protocol,
-            "n_edits": len(records),
-            "sequential": cfg.sequential,
-            "eval_timing": cfg.eval_timing if protocol == "sequential" else "each",
-            "batch_size": batch,
-            "seed": cfg.seed,
-            "curve_every": cfg.curve_every if probes else None,
-            "curve_probes": len(probes),
-            "fluency": cfg.fluency,
-        },
-        "metrics": {"pre": summarise(pre_scores, task.kind), "post": summarise(post, task.kind)},
-        "curve": curve,
-        "edits": edit_infos,
+        "protocol": protocol.info(len(records), cfg.seed, cfg.fluency, len(loop.probes)),
+        "metrics": {"pre": summarise(pre_scores, family.spec), "post": summarise(post, family.spec)},
+        "curve": loop.curve,
+        "edits": loop.edits,
         "timings": {
             "load_model_s": round(load_s, 3),
             "editor_prepare_s": round(prepare_s, 3),
             "pre_eval_s": round(pre_s, 3),
-            "edit_s": round(edit_s, 3),
-            "edit_ms_per_edit": round(1000 * edit_s / len(records), 3),
-            "post_eval_s": round(eval_s, 3),
+            "edit_s": round(loop.edit_s, 3),
+            "edit_ms_per_edit": round(1000 * loop.edit_s / len(records), 3),
+            "post_eval_s": round(loop.eval_s, 3),
             "total_s": round(time.perf_counter() - t_start, 3),
             "peak_memory_mb": round(peak_memory_mb(), 1),
         },
         "environment": environment(),
         "config": asdict(cfg),
+        "diagnostics": observer.result(post, protocol.eval_timing) if observer is not None else None,
     }
-    if diag is not None:
-        result["diagnostics"] = diag.result(post, result["protocol"]["eval_timing"])
+    if result["diagnostics"] is None:
+        del result["diagnostics"]
+    ResultBody.model_validate(result)  # the one result model (sealed later): a runner that drifts from it fails here
     result["_records"] = _record_log(records, pre_scores, post)  # popped by the caller
     return result
+
+
+def _select_records(cfg: RunConfig, task: Any, protocol: Any) -> tuple[LoadReport, list[EditRecord], dict[str, Any]]:
+    data_path = task.resolve(cfg.data)
+    report: LoadReport = task.reader(data_path)
+    _warn_bad(report)
+    n_wanted = protocol.n_wanted(cfg.limit)
+    if cfg.sequential and cfg.limit is not None and cfg.limit < cfg.sequential:
+        raise RunError(f"--limit {cfg.limit} is smaller than --sequential {cfg.sequential}")
+    if n_wanted is not None and n_wanted > len(report.records):
+        raise RunError(
+            f"{data_path} has {len(report.records)} usable records, fewer than the {n_wanted} asked for"
+        )
+    records, selection = select(report, n_wanted, cfg.seed)
+    if not records:
+        raise RunError(f"{data_path}: no usable records to edit")
+    return report, records, selection
+
+
+def _load_model(cfg: RunConfig) -> tuple[Any, str]:
+    from . import defaults
+    from .models import load_model
+
+    model_name = cfg.model or defaults.default_model()
+    return load_model(model_name, dtype=cfg.dtype, device=cfg.device), model_name
+
+
+def _build_editor(cfg: RunConfig, editor_cls: type[Editor], lm: Any, model_name: str, task: Any,
+                  report: LoadReport) -> tuple[Editor, Any]:
+    from . import defaults
+
+    hp = editor_cls.default_hparams(lm.model, model_name)
+    if cfg.hparams:
+        hp = override_hparams(hp, load_hparams_file(cfg.hparams), source=f"--hparams {cfg.hparams}")
+    stats = defaults.stats_options(model_name, lm)
+    for key, value in cfg.extra.get("stats", {}).items():  # --stats-corpus / --stats-source / --stats-samples
+        setattr(stats, key, value)
+        if key == "corpus":
+            stats.corpus_name = None
+    train_split = None
+    if editor_cls.trainable:
+        path = task.resolve_train(cfg.train_data, report.files[0])
+        train_split = TrainSplit(report=task.reader(path), path=path, sha256=sha256_file(path))
+    context = RunContext(
+        seed=cfg.seed, device=cfg.device, dtype=cfg.dtype, model_name=model_name, stats=stats,
+        train_split=train_split, progress=progress_bar,
+    )
+    return editor_cls(lm.model, lm.tokenizer, hp, context), hp
+
+
+def _trained(cfg: RunConfig, editor: Editor, name: str, model_name: str, hp: Any) -> dict[str, Any]:
+    """Load the stored artefact this editor was trained into for (model, training data, hparams,
+    seed), training it first when there is none; its description goes into the result."""
+    from .artefacts import find_or_train
+
+    return find_or_train(editor, name, model_name, hparams_hash(hp), cfg.seed)
+
+
+@dataclass
+class _Loop:
+    post: dict[int, RecordScores] = field(default_factory=dict)
+    edits: list[dict[str, Any]] = field(default_factory=list)
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    probes: list[EditRecord] = field(default_factory=list)
+    edit_s: float = 0.0
+    eval_s: float = 0.0
+
+
+def _edit(cfg: RunConfig, protocol: Any, editor: Editor, evaluator: Evaluator, records: list[EditRecord],
+          ref: Any, observer: Any) -> _Loop:
+    """Apply the records under ``protocol``; score, restore and draw the curve as it says."""
+    loop = _Loop()
+    if protocol.accumulates and protocol.curve_every:
+        loop.probes = records[: protocol.curve_probes]
+    next_curve = protocol.curve_every or 0
+    if loop.probes:
+        loop.curve.append(_curve_point(evaluator, loop.probes, set(), ref, editor, 0))
+    with progress_bar(f"{cfg.editor} · {protocol.name}", total=len(records)) as advance:
+        done = 0
+        edited: set[int] = set()
+        for chunk in protocol.chunks(records):
+            t0 = time.perf_counter()
+            outcome = editor.apply(_requests(chunk))
+            dt = time.perf_counter() - t0
+            loop.edit_s += dt
+            if observer is not None:
+                observer.after_apply(chunk, outcome, dt)
+            loop.edits.append({
+                "records": [r.index for r in chunk], "seconds": round(dt, 4),
+                "changed_params": outcome.changed_params, **outcome.info,
+            })
+            done += len(chunk)
+            edited.update(r.index for r in chunk)
+            if protocol.score_after_apply:
+                t0 = time.perf_counter()
+                for s in evaluator.evaluate(chunk, ref, editor.rewrite_prompts):
+                    loop.post[s.index] = s
+                loop.eval_s += time.perf_counter() - t0
+            if not protocol.accumulates:
+                editor.restore()
+            elif loop.probes and done >= next_curve:
+                loop.curve.append(_curve_point(evaluator, loop.probes, edited, ref, editor, done))
+                while next_curve <= done:
+                    next_curve += protocol.curve_every
+            advance(len(chunk))
+        if loop.probes and loop.curve[-1]["edits"] != done:
+            loop.curve.append(_curve_point(evaluator, loop.probes, edited, ref, editor, done))
+    if not protocol.score_after_apply:
+        t0 = time.perf_counter()
+        log.info("evaluating all %d edits on the final model", len(records))
+        for s in evaluator.evaluate(records, ref, editor.rewrite_prompts):
+            loop.post[s.index] = s
+        loop.eval_s += time.perf_counter() - t0
+    return loop
 
 
 def finish(result: dict[str, Any]) -> dict[str, Any]:
@@ -326,7 +358,7 @@ def _curve_point(evaluator: Evaluator, probes, edited: set[int], ref, editor, n_
         if s.index not in edited:
             for key in ("edit_succ", "rephrase", "portability"):
                 s.values.pop(key, None)
-    summary = summarise(scores, evaluator.kind)
+    summary = summarise(scores, evaluator.family.spec)
     return {"edits": n_edits, **{k: v["value"] for k, v in summary.items()}}
 
 
@@ -348,7 +380,7 @@ def _warn_bad(report: LoadReport) -> None:
 
 def default_output(result: dict[str, Any]) -> Path:
     p = result["protocol"]
-    proto = p["name"] if p["name"] == "single" else f"{p['name']}{p['n_edits']}-{p['eval_timing']}"
+    proto = protocol_key(p)
     model = Path(str(result["model"]["id"])).name.replace("/", "_")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("results") / f"{result['editor']['name']}_{result['task']['name']}_{model}_{proto}_s{p['seed']}_{stamp}.json"

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 
 from .arch import ArchAdapter, cache_kwargs, returned_cache
+from .tokens import pad_batch
+from .tokens import pad_id as _pad_id
 
 log = logging.getLogger(__name__)
 
@@ -189,13 +191,6 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
             model.train()
 
 
-def _pad_id(tok: Any) -> int:
-    for cand in (tok.pad_token_id, tok.eos_token_id, getattr(tok, "unk_token_id", None)):
-        if cand is not None:
-            return int(cand)
-    return 0  # any id works: padded positions are masked out
-
-
 def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -207,26 +202,6 @@ def _max_positions(model: torch.nn.Module) -> int | None:
         if isinstance(v, int) and v > 0:
             return v
     return None
-
-
-def pad_batch(
-    seqs: Sequence[Sequence[int]], pad_id: int, side: str, device: torch.device | str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-    """input_ids, attention_mask, position_ids (cumsum(mask) - 1, clamped at 0) and each row's offset
-    (number of pads before its first token) for a list of id sequences."""
-    if side not in ("left", "right"):
-        raise ValueError(f"padding side must be 'left' or 'right', got {side!r}")
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    offsets = []
-    for r, s in enumerate(seqs):
-        off = width - len(s) if side == "left" else 0
-        ids[r, off : off + len(s)] = torch.as_tensor(list(s), dtype=torch.long)
-        mask[r, off : off + len(s)] = 1
-        offsets.append(off)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), pos.to(device), offsets
 
 
 def _fit(

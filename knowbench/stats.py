@@ -11,7 +11,11 @@ superposition diagnostics whiten keys with it. So C is
 * cached on disk per (model, layer, corpus, sample count, dtype, max length) — the configuration is
   in the file name and in the file's metadata (plus a ``.json`` sidecar), and a cached file is used
   only if that metadata matches;
-* factorised once (Cholesky / eigendecomposition in float64) and kept on the :class:`SecondMoment`.
+* factorised once (Cholesky through :func:`knowbench.linalg.jittered_cholesky` / eigendecomposition,
+  in float64) and kept on the :class:`SecondMoment`.
+
+The whole recipe (corpus from the run's ``StatsOptions``, sample count, dtype, ridge, factorisation)
+is :func:`key_statistics`, which the editors and the superposition study both call.
 
 Corpora (:func:`resolve_corpus`): a list of strings or local text/JSON files (loaded with
 ``datasets``), the reference's Wikipedia / wikitext-103 through the Hugging Face hub when reachable,
@@ -34,8 +38,11 @@ import torch
 from torch import nn
 
 from . import __version__
-from .arch import ArchAdapter
-from .keys import StopForward, pad_right, pad_id, sample_prefixes
+from .arch import ArchAdapter, cache_kwargs, returned_cache
+from .editor import StatsOptions
+from .keys import StopForward, pad_right
+from .linalg import jittered_cholesky
+from .tokens import pad_id
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +89,13 @@ class SecondMoment:
     def cholesky(self) -> torch.Tensor:
         """Lower-triangular L with C (+ a tiny ridge if C is singular) = L Lᵀ, computed once."""
         if self._chol is None:
-            c = self.mom2
-            scale = float(torch.diagonal(c).mean()) or 1.0
-            eye = torch.eye(self.dim, dtype=c.dtype, device=c.device)
-            for jitter in (0.0, 1e-10, 1e-8, 1e-6, 1e-4):
-                jitter = max(jitter, self.ridge)
-                chol, info = torch.linalg.cholesky_ex(c + jitter * scale * eye)
-                if int(info) == 0:
-                    self._chol, self.jitter = chol, jitter * scale
-                    break
-            else:
+            got = jittered_cholesky(self.mom2, self.ridge)
+            if got is None:
                 raise ValueError(
                     f"second moment of {self.module} is not positive definite even with a ridge "
                     f"of 1e-4·mean(diag); {self.count} tokens are too few for a {self.dim}-dim key"
                 )
+            self._chol, self.jitter = got
             if self.jitter and not self.ridge:
                 log.warning("C of %s is singular; added a ridge of %.3g", self.module, self.jitter)
         return self._chol
@@ -271,6 +271,63 @@ def load_hub_corpus(name: str, n_samples: int, seed: int = 0) -> Corpus:
     return Corpus(f"{name}-{config}", texts, description=f"{ds_id}:{config}")
 
 
+def one_line(text: str) -> str:
+    """``text`` on one line: braces (which would confuse anyone formatting templates) and runs of
+    whitespace become single spaces."""
+    return " ".join(text.replace("{", " ").replace("}", " ").split())
+
+
+@torch.no_grad()
+def sample_texts(
+    model: nn.Module,
+    tok: Any,
+    length_params: Sequence[Sequence[int]],
+    seed: int,
+    starts: Sequence[str] | None = None,
+    top_k: int = 5,
+) -> list[str]:
+    """Short texts sampled from the model (top-k sampling, seeded), decoded without special tokens.
+
+    ``length_params`` is a list of (total tokens including the start, count). With ``starts``
+    (e.g. "The", "Therefore", ...) each length draws count // len(starts) texts per start word;
+    without, generation starts from the BOS (or EOS) token alone."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    try:
+        for length, count in length_params:
+            length, count = int(length), int(count)
+            if starts:
+                per = count // len(starts)
+                groups = [(tok(s, add_special_tokens=True)["input_ids"], per) for s in starts]
+            else:
+                bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+                if bos is None:
+                    raise ValueError("tokenizer has neither a BOS nor an EOS token to start sampling from")
+                groups = [([bos], count)]
+            for ids, n in groups:
+                if n <= 0:
+                    continue
+                seq = torch.tensor([ids] * n, device=device)
+                n_new = max(0, length - seq.shape[1])
+                past, step_in = None, seq
+                for _ in range(n_new):  # all rows have the same length: no padding, a plain KV cache
+                    mask = torch.ones(seq.shape, dtype=torch.long, device=device)
+                    res = model(input_ids=step_in, attention_mask=mask, **cache_kwargs(model, past))
+                    past = returned_cache(res)
+                    probs = torch.softmax(res.logits[:, -1, :].float(), dim=-1)
+                    top = torch.topk(probs, top_k, dim=-1)
+                    pick = torch.multinomial(top.values.cpu(), 1, generator=gen).to(device)
+                    step_in = top.indices.gather(1, pick)
+                    seq = torch.cat([seq, step_in], dim=1)
+                out.extend(tok.decode(row, skip_special_tokens=True) for row in seq.tolist())
+    finally:
+        model.train(was_training)
+    return out
+
+
 def sample_model_corpus(
     model: nn.Module, tok: Any, n_texts: int, length: int = 128, seed: int = 0
 ) -> Corpus:
@@ -284,8 +341,8 @@ def sample_model_corpus(
         batch = 64
         for b0 in range(0, n_texts, batch):
             n = min(batch, n_texts - b0)
-            texts += [t.rstrip(". ").strip() for t in
-                      sample_prefixes(model, tok, [(length, n)], seed=seed * 1_000_003 + b0)]
+            texts += [one_line(t).rstrip(". ").strip() for t in
+                      sample_texts(model, tok, [(length, n)], seed=seed * 1_000_003 + b0)]
         return texts
 
     return Corpus(f"model-sampled-seed{seed}-len{length}", None, model_sampled=True,
@@ -295,31 +352,32 @@ def sample_model_corpus(
 
 NO_CORPUS_HELP = (
     "Pass a local corpus for the key statistics (a .txt file with one text per line, .json/.jsonl "
-    "records with a 'text' field, or a folder of them) as EditContext.extras['corpus'] (knowbench "
-    "run --stats-corpus PATH), or set extras['stats_source'] = 'model' (--stats-source model) to "
-    "use text sampled from the model itself; the results' provenance records which was used."
+    "records with a 'text' field, or a folder of them) as StatsOptions.corpus (knowbench run "
+    "--stats-corpus PATH), or set StatsOptions.source = 'model' (--stats-source model) to use text "
+    "sampled from the model itself; the results' provenance records which was used."
 )
 
 
 def resolve_corpus(
-    extras: dict[str, Any],
+    options: StatsOptions,
     default_dataset: str,
     n_samples: int,
     model: nn.Module | None = None,
     tok: Any = None,
 ) -> Corpus:
-    """The corpus an editor's C is computed over, from ``EditContext.extras``:
+    """The corpus C is computed over, from the run's :class:`~knowbench.editor.StatsOptions`:
 
-    * ``stats_source``: "auto" (default), "corpus", "wikipedia", "wikitext", "model";
+    * ``source``: "auto" (default), "corpus", "wikipedia", "wikitext", "model";
     * ``corpus``: a list of strings, or a path to text/JSON files (used by "auto" and "corpus");
-    * ``corpus_name``: a name for a list corpus (cache paths, provenance).
+    * ``corpus_name``: a name for a list corpus (cache paths, provenance);
+    * ``seed``: the seed of a model-sampled corpus.
 
-    "auto" uses ``corpus`` when given, else ``default_dataset`` (the hparams' ``mom2_dataset``: a hub
+    "auto" uses ``corpus`` when given, else ``default_dataset`` (an editor's ``mom2_dataset``: a hub
     corpus name or a local path), falling back from Wikipedia to wikitext-103; with nothing
     reachable it raises :class:`StatsUnavailable` saying what to pass.
     """
-    source = str(extras.get("stats_source") or "auto").lower()
-    corpus = extras.get("corpus")
+    source = str(options.source or "auto").lower()
+    corpus = options.corpus
     if source not in ("auto", "corpus", "wikipedia", "wikitext", "model"):
         raise ValueError(
             f"stats_source {source!r} is not one of auto, corpus, wikipedia, wikitext, model"
@@ -327,7 +385,7 @@ def resolve_corpus(
     if source == "model":
         if model is None:
             raise ValueError("stats_source 'model' needs the model")
-        return sample_model_corpus(model, tok, n_samples, seed=int(extras.get("stats_seed", 0)))
+        return sample_model_corpus(model, tok, n_samples, seed=int(options.seed))
     if source in ("auto", "corpus") and corpus is not None:
         if isinstance(corpus, (str, Path)):
             return load_text_files(corpus)
@@ -335,11 +393,11 @@ def resolve_corpus(
             corpus = corpus()
         texts = [t for t in corpus if isinstance(t, str)]
         if not texts:
-            raise StatsUnavailable("extras['corpus'] holds no text")
-        name = _slug(str(extras.get("corpus_name") or "corpus"))
+            raise StatsUnavailable("the statistics corpus (StatsOptions.corpus) holds no text")
+        name = _slug(str(options.corpus_name or "corpus"))
         return Corpus(f"{name}-{_content_hash(texts)}", texts, description=f"{len(texts)} texts")
     if source == "corpus":
-        raise StatsUnavailable(f"stats_source 'corpus' but no extras['corpus'] given. {NO_CORPUS_HELP}")
+        raise StatsUnavailable(f"stats source 'corpus' but no StatsOptions.corpus given. {NO_CORPUS_HELP}")
     wanted = [source] if source != "auto" else [default_dataset]
     if source == "auto" and default_dataset == "wikipedia":
         wanted.append("wikitext")
@@ -458,6 +516,55 @@ def second_moments(
             _save(path, sm)
             out[layer] = sm
     return out
+
+
+# reference defaults of the configuration C is computed with (ROME's / MEMIT's mom2_* values)
+DEFAULT_DATASET = "wikipedia"
+DEFAULT_SAMPLES = 100000
+DEFAULT_DTYPE = "float32"
+MODEL_SAMPLED_CAP = 1000  # texts generated when the model samples its own corpus and no count is given
+
+
+def key_statistics(
+    model: nn.Module,
+    tok: Any,
+    layers: Sequence[int],
+    options: StatsOptions | None = None,
+    *,
+    dataset: str = DEFAULT_DATASET,
+    n_samples: int = DEFAULT_SAMPLES,
+    dtype: str = DEFAULT_DTYPE,
+    max_length: int | None = None,
+    ridge: float = 0.0,
+    cache_dir: str | Path | None = None,
+    model_name: str = "",
+    device: Any = None,
+) -> dict[int, SecondMoment]:
+    """C of each of ``layers``, as a run computes it, regularised and factorised.
+
+    The corpus comes from ``options`` (:func:`resolve_corpus`; ``dataset`` when they name none),
+    ``options.samples`` overrides ``n_samples`` (a model-sampled corpus is capped at
+    :data:`MODEL_SAMPLED_CAP` texts unless a count is given), and every C gets ``ridge`` (relative
+    to its mean diagonal, :meth:`SecondMoment.set_ridge`) and its Cholesky factor now. Editors pass
+    their ``mom2_*`` hyper-parameters; the superposition study passes the same, so both share one
+    cached statistic per layer under ``cache_dir`` (default :func:`default_cache_dir`)."""
+    options = options if options is not None else StatsOptions()
+    n = int(options.samples or n_samples)
+    if str(options.source or "").lower() == "model" and not options.samples:
+        n = min(n, MODEL_SAMPLED_CAP)  # generating is slow; enough for d ≲ 4k, recorded in provenance
+    corpus = resolve_corpus(options, dataset, n, model, tok)
+    stats = second_moments(
+        model, tok, layers, corpus, n_samples=n, dtype=dtype, max_length=max_length,
+        cache_dir=cache_dir if cache_dir is not None else default_cache_dir(), model_name=model_name,
+        progress=bool(options.progress),
+        device=device if device is not None else next(model.parameters()).device,
+    )
+    for sm in stats.values():
+        sm.set_ridge(ridge)
+        sm.cholesky()  # factorise once per layer, now
+    if corpus.model_sampled:
+        log.warning("key statistics computed on text sampled from the model itself (%s)", corpus.name)
+    return stats
 
 
 def _load(path: Path, meta: dict[str, Any]) -> SecondMoment | None:

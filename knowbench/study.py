@@ -140,7 +140,7 @@ def world_facts() -> tuple[list[Fact], FactReport]:
     try:
         from . import world as W
 
-        return read_facts(W.default_task_file("counterfact"))
+        return read_facts(W.fact_file())
     except (ImportError, FileNotFoundError, LookupError, ValueError) as exc:
         log.info("embedded task file unavailable (%s); rendering facts from the world", exc)
     from .world import DEFAULT_SEED, generate
@@ -300,29 +300,28 @@ class StudyConfig:
 
 
 def moments_for(model: Any, tok: Any, layers: list[int], model_name: str, lm: Any, cfg: StudyConfig) -> dict[int, Any]:
-    """C of every analysed layer, computed (or loaded from the cache) exactly as ROME would for this
-    model — same corpus resolution, sample count, dtype, max length and cache — so a run's editors
-    and this analysis share one cached statistic per layer."""
+    """C of every analysed layer, computed (or loaded from the cache) with the configuration the
+    locate-then-edit editors use by default — the run's corpus resolution, the reference sample
+    count, dtype and max length, the same cache — so a run's editors and this analysis share one
+    cached statistic per layer. The ridge is :func:`knowbench.defaults.stats_ridge`."""
     import dataclasses
 
     from . import defaults
-    from .editor import EditContext
-    from .editors.rome import ROME  # the built-in locate-then-edit machinery owns C's configuration
+    from .editor import StatsOptions
+    from .stats import DEFAULT_DTYPE, key_statistics
 
-    extras = dict(defaults.editor_extras(model_name, lm)) if lm is not None else {}
+    options = defaults.stats_options(model_name, lm) if lm is not None else StatsOptions()
     if cfg.stats_corpus:
-        extras["corpus"] = cfg.stats_corpus
-        extras.pop("corpus_name", None)
+        options = dataclasses.replace(options, corpus=cfg.stats_corpus, corpus_name=None)
     if cfg.stats_source:
-        extras["stats_source"] = cfg.stats_source
+        options = dataclasses.replace(options, source=cfg.stats_source)
     if cfg.stats_samples:
-        extras["stats_samples"] = cfg.stats_samples
-    hp = ROME.default_hparams(model, model_name)
-    hp = dataclasses.replace(hp, layers=list(layers), mom2_adjustment=True)
-    if cfg.stats_dtype:
-        hp = dataclasses.replace(hp, mom2_dtype=cfg.stats_dtype)
-    editor = ROME(model, tok, hp, EditContext(model_name=model_name, extras=extras))
-    return {layer: editor.stat(layer) for layer in layers}
+        options = dataclasses.replace(options, samples=cfg.stats_samples)
+    stats = key_statistics(
+        model, tok, layers, options, dtype=cfg.stats_dtype or DEFAULT_DTYPE,
+        ridge=defaults.stats_ridge(model_name), model_name=model_name,
+    )
+    return {layer: stats[layer] for layer in layers}
 
 
 def analyse_model(

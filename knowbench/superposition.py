@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-_JITTERS = (0.0, 1e-10, 1e-8, 1e-6, 1e-4)
+from .linalg import jittered_cholesky
 
 
 # -- whitening ---------------------------------------------------------------------------------
@@ -53,13 +53,10 @@ class Whitener:
         c = c.detach().to(torch.float64)
         if c.dim() != 2 or c.shape[0] != c.shape[1]:
             raise ValueError(f"{name} must be a square matrix, got shape {tuple(c.shape)}")
-        scale = float(torch.diagonal(c).mean()) or 1.0
-        eye = torch.eye(c.shape[0], dtype=c.dtype, device=c.device)
-        for jitter in _JITTERS:
-            chol, info = torch.linalg.cholesky_ex(c + jitter * scale * eye)
-            if int(info) == 0:
-                return cls(chol, jitter * scale)
-        raise ValueError(f"{name} is not positive definite even with a ridge of 1e-4·mean(diag)")
+        got = jittered_cholesky(c)
+        if got is None:
+            raise ValueError(f"{name} is not positive definite even with a ridge of 1e-4·mean(diag)")
+        return cls(*got)
 
     @classmethod
     def from_any(cls, source: Any, name: str = "C") -> "Whitener":

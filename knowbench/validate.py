@@ -3,17 +3,17 @@
 A result file (written by ``knowbench run``, DESIGN section 8) is trusted by the leaderboard only
 when it passes every check here:
 
-* schema      the schema version is one this knowbench reads, and every required block and key is
-              present with the right type (editor, model, task, protocol, metrics, environment, ...);
-* provenance  what reproduces the run is recorded: knowbench version, editor distribution and full
-              hparams (whose hash must match them), model id and size, task data files with their
-              sha256, the selected record indices, the protocol and its seed;
-* metrics     names are KnowEdit's (``edit_succ``, ``rephrase``, ``portability[.Key]``,
-              ``locality[.Key]``, ``fluency``); accuracies lie in [0, 100]; fluency (entropy ×100)
-              and ConvSent's KL locality are ≥ 0 and only the latter is lower-is-better; a metric
-              that was not measured is absent (fluency off ⇒ no fluency entry), never 0;
-* integrity   ``integrity.sha256`` equals sha256 of the canonical JSON of everything else, so a
-              number edited by hand after the run is detected.
+* schema      the schema version is one this knowbench reads (1.0 files are migrated to 1.1 first,
+              ``knowbench.schema.migrate``) and the file is a ``knowbench.schema.Result``: every
+              required block and key present with the right type, no unknown key in a core block;
+* provenance  the editor's hparams hash matches its hparams, the selected record indices agree with
+              the data file's counts and with the protocol, the protocol's fields agree with its name;
+* metrics     names belong to the task's metric family (``portability.<Key>`` inherits
+              ``portability``); each entry's direction is the family's; accuracies lie in [0, 100],
+              fluency (entropy ×100) and KL divergences are ≥ 0; a metric that was not measured is
+              absent (fluency off ⇒ no fluency entry), never 0 or null;
+* integrity   ``integrity.sha256`` equals sha256 of the canonical JSON of everything else in the file
+              as written (before migration), so a number edited by hand after the run is detected.
 
 Each failure is a ``Problem`` naming the JSON path and saying why; warnings (a dirty git tree, a
 model loaded from a local path) do not make a file invalid. Importing this module imports no torch.
@@ -23,27 +23,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .results import SCHEMA_VERSION, content_hash
+from pydantic import TypeAdapter
+from pydantic import ValidationError as PydanticValidationError
+
+from .results import content_hash
+from .schema import INTEGRITY_ALGORITHM, SCHEMA_VERSION, STANDARD_FAMILIES, Result, migrate
 
 SUPPORTED_MAJOR = SCHEMA_VERSION.split(".")[0]
-INTEGRITY_ALGORITHM = "sha256-canonical-json"
-MAIN_METRICS = ("edit_succ", "rephrase", "portability", "locality", "fluency")
-WITH_SUBKEYS = ("portability", "locality")  # aggregated over sub-keys, each also reported alone
-TASK_KINDS = ("qa", "wikibio", "convsent", "sanitation")
-PROTOCOLS = ("single", "batch", "sequential")
-EVAL_TIMINGS = ("each", "final")
-KNOWN_TOP_LEVEL = {
-    "schema_version", "knowbench", "editor", "model", "task", "protocol", "metrics", "curve", "edits",
-    "timings", "environment", "config", "integrity", "diagnostics",
-}
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_METRIC_NAME = re.compile(r"^(?P<main>[a-z_]+)(?:\.(?P<sub>[A-Za-z0-9_\- ]+))?$")
+_BLOCKS = {"task.selection", "task.metric_family", "metrics.pre", "metrics.post"}  # besides top-level keys
+_NOUNS = {"protocol.name": "a protocol", "protocol.eval_timing": "an evaluation timing", "editor.kind":
+          "an editor kind", "diagnostics.kind": "a diagnostics kind", "integrity.algorithm":
+          "an integrity algorithm this knowbench knows", "task.metric_family.metrics[].unit": "a metric unit"}
+_WANT = {"int_type": "int", "string_type": "str", "bool_type": "bool", "float_type": "a number",
+         "dict_type": "an object", "model_type": "an object", "model_attributes_type": "an object",
+         "list_type": "a list"}
 
 
 @dataclass
@@ -62,7 +61,8 @@ class Report:
 
     source: str
     problems: list[Problem] = field(default_factory=list)
-    result: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None  # as written (its hash is intact)
+    model: Result | None = None  # migrated to the current schema and typed, when it is structurally valid
 
     @property
     def errors(self) -> list[Problem]:
@@ -110,10 +110,69 @@ def _get(d: Any, dotted: str) -> Any:
     return d
 
 
-# -- the checks ------------------------------------------------------------------------------
-class _Checker:
-    """Collects problems while walking a result; each ``need_*`` helper checks one key."""
+def _typename(value: Any) -> str:
+    return {type(None): "null", bool: "a boolean", str: "a string", dict: "an object", list: "a list",
+            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
 
+
+# -- structure: pydantic's errors as problems ------------------------------------------------------
+def _path(loc: tuple[Any, ...], generic: bool = False) -> str:
+    out = ""
+    for part in loc:
+        out += ("[]" if generic else f"[{part}]") if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _problem(err: dict[str, Any]) -> Problem:
+    loc, kind, x, ctx = err["loc"], err["type"], err.get("input"), err.get("ctx") or {}
+    where = _path(loc)
+    if kind == "missing":
+        return Problem(where, f"required {'block' if len(loc) == 1 or where in _BLOCKS else 'key'} is missing")
+    if kind == "extra_forbidden":
+        if where == "_records":
+            return Problem(where, "the per-record log belongs in its own file (runner.finish() drops it)")
+        return Problem(where, f"unknown key: schema {SCHEMA_VERSION} has no such key (written by a newer knowbench?)")
+    if kind in _WANT:
+        note = (" (an unmeasured metric is absent, never null)"
+                if len(loc) == 4 and loc[0] == "metrics" and loc[3] == "value" else "")
+        return Problem(where, f"must be {_WANT[kind]}, not {_typename(x)}{note}")
+    if kind == "literal_error":
+        choices = ", ".join(re.findall(r"'([^']*)'", str(ctx.get("expected", ""))))
+        return Problem(where, f"{x!r} is not {_NOUNS.get(_path(loc, generic=True), 'an accepted value')} "
+                       f"(one of {choices})")
+    if kind in ("string_too_short", "too_short"):
+        return Problem(where, "must not be empty")
+    if kind == "greater_than_equal":
+        return Problem(where, f"{x}: must be ≥ {ctx.get('ge')}")
+    if kind == "finite_number":
+        return Problem(where, f"{x} is not a finite number")
+    if kind == "string_pattern_mismatch" and "0-9a-f" in str(ctx.get("pattern")):
+        return Problem(where, f"{x!r} is not a sha256 hex digest (64 lower-case hex digits)")
+    return Problem(where, f"{err['msg']} (got {x!r})" if not isinstance(x, (dict, list)) else err["msg"])
+
+
+@lru_cache(maxsize=None)
+def _adapter(name: str) -> TypeAdapter:
+    return TypeAdapter(Result.model_fields[name].annotation)
+
+
+def _parse(r: dict[str, Any], skip: set[str]) -> tuple[Result | None, dict[str, Any], list[Problem]]:
+    """(the model, its blocks, the structural problems); when the whole does not validate, the
+    blocks that do on their own, so that their semantic checks still run."""
+    try:
+        model = Result.model_validate(r)
+        return model, {name: getattr(model, name) for name in Result.model_fields}, []
+    except PydanticValidationError as exc:
+        errs = exc.errors()
+    problems = [p for p in map(_problem, errs) if p.where not in skip]
+    bad = {e["loc"][0] for e in errs if e["loc"]}
+    parts = {name: _adapter(name).validate_python(r[name])
+             for name in Result.model_fields if name in r and name not in bad}
+    return None, parts, problems
+
+
+# -- semantics: what a schema cannot say ---------------------------------------------------------------
+class _Checker:
     def __init__(self) -> None:
         self.problems: list[Problem] = []
 
@@ -122,50 +181,6 @@ class _Checker:
 
     def warn(self, where: str, message: str) -> None:
         self.problems.append(Problem(where, message, "warning"))
-
-    def block(self, parent: dict[str, Any], key: str, where: str) -> dict[str, Any] | None:
-        path = f"{where}.{key}" if where else key
-        if key not in parent:
-            self.error(path, "required block is missing")
-            return None
-        value = parent[key]
-        if not isinstance(value, dict):
-            self.error(path, f"must be an object, not {_typename(value)}")
-            return None
-        return value
-
-    def need(self, parent: dict[str, Any] | None, key: str, where: str, types: tuple[type, ...],
-             *, nullable: bool = False, nonempty: bool = False) -> Any:
-        """``parent[key]`` when present and of one of ``types``; records a problem otherwise."""
-        if parent is None:
-            return None
-        path = f"{where}.{key}"
-        if key not in parent:
-            self.error(path, "required key is missing")
-            return None
-        value = parent[key]
-        if value is None:
-            if not nullable:
-                self.error(path, "must not be null")
-            return None
-        # bool is an int subclass: never accept it where a number is asked for
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            names = " or ".join(t.__name__ for t in types)
-            self.error(path, f"must be {names}, not {_typename(value)}")
-            return None
-        if nonempty and not value and value != 0:
-            self.error(path, "must not be empty")
-            return None
-        return value
-
-
-def _typename(value: Any) -> str:
-    return {type(None): "null", bool: "a boolean", str: "a string", dict: "an object", list: "a list",
-            int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def validate(result: Any, source: str = "<result>") -> Report:
@@ -176,268 +191,141 @@ def validate(result: Any, source: str = "<result>") -> Report:
         return report
     report.result = result
     c = _Checker()
-    _check_schema_version(c, result)
-    if not c.problems:  # a file from another schema major would only produce noise below
-        _check_knowbench(c, result)
-        editor = _check_editor(c, result)
-        _check_model(c, result)
-        kind = _check_task(c, result)
-        protocol = _check_protocol(c, result)
-        _check_selection_vs_protocol(c, result, protocol)
-        _check_metrics(c, result, kind, protocol, editor)
-        _check_other_blocks(c, result)
-        _check_integrity(c, result)
-    report.problems = c.problems
-    return report
-
-
-def _check_schema_version(c: _Checker, r: dict[str, Any]) -> None:
-    v = r.get("schema_version")
+    v = result.get("schema_version")
     if v is None:
         c.error("schema_version", "required key is missing (is this a knowbench result file?)")
     elif not isinstance(v, str) or v.split(".")[0] != SUPPORTED_MAJOR:
         c.error("schema_version", f"{v!r} is not a schema this knowbench reads (it reads {SUPPORTED_MAJOR}.x); "
                 "upgrade knowbench or re-run with this version")
-
-
-def _check_knowbench(c: _Checker, r: dict[str, Any]) -> None:
-    kb = c.block(r, "knowbench", "")
-    c.need(kb, "version", "knowbench", (str,), nonempty=True)
-    commit = c.need(kb, "git_commit", "knowbench", (str,), nullable=True)
-    if isinstance(commit, str) and commit.endswith("-dirty"):
-        c.warn("knowbench.git_commit", f"{commit}: run from a checkout with uncommitted changes")
-
-
-def _check_editor(c: _Checker, r: dict[str, Any]) -> dict[str, Any] | None:
-    ed = c.block(r, "editor", "")
-    c.need(ed, "name", "editor", (str,), nonempty=True)
-    c.need(ed, "distribution", "editor", (str,), nonempty=True)
-    c.need(ed, "version", "editor", (str,), nonempty=True)
-    hp = c.need(ed, "hparams", "editor", (dict,))
-    h = c.need(ed, "hparams_hash", "editor", (str,), nonempty=True)
-    c.need(ed, "hparams_file", "editor", (str,), nullable=True)
-    if isinstance(hp, dict) and isinstance(h, str):
-        # same recipe as knowbench.editor.hparams_hash, on the stored dict
-        expect = hashlib.sha256(json.dumps(hp, sort_keys=True, default=str).encode()).hexdigest()[: len(h)]
-        if len(h) < 8 or h != expect:
-            c.error("editor.hparams_hash", f"{h!r} does not match editor.hparams (their hash is "
-                    f"{expect[:16]!r}): the hyper-parameters were changed after the run")
-    return ed
-
-
-def _check_model(c: _Checker, r: dict[str, Any]) -> None:
-    m = c.block(r, "model", "")
-    c.need(m, "id", "model", (str,), nonempty=True)
-    source = c.need(m, "source", "model", (str,), nonempty=True)
-    c.need(m, "revision", "model", (str,), nullable=True)
-    c.need(m, "model_type", "model", (str,), nonempty=True)
-    c.need(m, "dtype", "model", (str,), nonempty=True)
-    c.need(m, "device", "model", (str,), nonempty=True)
-    n = c.need(m, "n_params", "model", (int,))
-    if isinstance(n, int) and n <= 0:
-        c.error("model.n_params", f"{n} is not a parameter count (must be > 0)")
-    if isinstance(_get(m, "id"), str) and m["id"].startswith("random-") and source == "builtin":
-        c.warn("model.id", f"{m['id']} is a randomly initialised smoke-test model: its metrics say nothing "
-               "about editing quality")
-    if source == "local":
-        c.warn("model.source", "model loaded from a local folder: others need the same files to reproduce")
-    elif source == "hub" and m is not None and m.get("revision") is None:
-        c.warn("model.revision", "hub model without a resolved revision: the weights may change under its id")
-
-
-def _check_task(c: _Checker, r: dict[str, Any]) -> str | None:
-    t = c.block(r, "task", "")
-    c.need(t, "name", "task", (str,), nonempty=True)
-    c.need(t, "knowedit_name", "task", (str,), nonempty=True)
-    c.need(t, "version", "task", (str,), nonempty=True)
-    c.need(t, "distribution", "task", (str,), nonempty=True)
-    c.need(t, "format", "task", (str,), nullable=True)
-    kind = c.need(t, "kind", "task", (str,))
-    if kind is not None and kind not in TASK_KINDS:
-        c.error("task.kind", f"{kind!r} is not a task kind (one of {', '.join(TASK_KINDS)})")
-        kind = None
-    files = c.need(t, "data_files", "task", (list,))
-    if files is not None:
-        if not files:
-            c.error("task.data_files", "no data file recorded: the records cannot be traced to a file")
-        for i, f in enumerate(files):
-            where = f"task.data_files[{i}]"
-            if not isinstance(f, dict):
-                c.error(where, f"must be an object {{path, sha256}}, not {_typename(f)}")
-                continue
-            c.need(f, "path", where, (str,), nonempty=True)
-            sha = c.need(f, "sha256", where, (str,))
-            if isinstance(sha, str) and not _HEX64.match(sha):
-                c.error(f"{where}.sha256", f"{sha!r} is not a sha256 hex digest (64 lower-case hex digits)")
-    c.need(t, "default_data", "task", (bool,))
-    n_file = c.need(t, "n_records_in_file", "task", (int,))
-    n_use = c.need(t, "n_records_usable", "task", (int,))
-    if isinstance(n_file, int) and isinstance(n_use, int) and not 0 <= n_use <= n_file:
-        c.error("task.n_records_usable", f"{n_use} usable records out of {n_file} in the file is impossible")
-    c.need(t, "bad_records", "task", (list,))
-    sel = c.block(t, "selection", "task") if t is not None else None
-    if sel is not None:
-        c.need(sel, "method", "task.selection", (str,), nonempty=True)
-        c.need(sel, "seed", "task.selection", (int,))
-        n_av = c.need(sel, "n_available", "task.selection", (int,))
-        n_sel = c.need(sel, "n_selected", "task.selection", (int,))
-        idx = c.need(sel, "indices", "task.selection", (list,))
-        if isinstance(idx, list):
-            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in idx):
-                c.error("task.selection.indices", "must be a list of record indices (integers ≥ 0)")
-            elif len(set(idx)) != len(idx):
-                c.error("task.selection.indices", "a record index appears twice")
-            if isinstance(n_sel, int) and n_sel != len(idx):
-                c.error("task.selection.n_selected", f"{n_sel} but {len(idx)} indices are listed")
-        if isinstance(n_av, int) and isinstance(n_sel, int) and n_sel > n_av:
-            c.error("task.selection.n_selected", f"{n_sel} selected out of {n_av} available is impossible")
-        if isinstance(n_av, int) and isinstance(n_use, int) and n_av != n_use:
-            c.error("task.selection.n_available", f"{n_av} but task.n_records_usable is {n_use}")
-    return kind
-
-
-def _check_protocol(c: _Checker, r: dict[str, Any]) -> dict[str, Any] | None:
-    p = c.block(r, "protocol", "")
-    if p is None:
-        return None
-    name = c.need(p, "name", "protocol", (str,))
-    if name is not None and name not in PROTOCOLS:
-        c.error("protocol.name", f"{name!r} is not a protocol (one of {', '.join(PROTOCOLS)})")
-    n = c.need(p, "n_edits", "protocol", (int,))
-    if isinstance(n, int) and n < 1:
-        c.error("protocol.n_edits", f"{n}: a run makes at least one edit")
-    seq = c.need(p, "sequential", "protocol", (int,), nullable=True)
-    timing = c.need(p, "eval_timing", "protocol", (str,))
-    if timing is not None and timing not in EVAL_TIMINGS:
-        c.error("protocol.eval_timing", f"{timing!r} is not an evaluation timing (each or final)")
-    b = c.need(p, "batch_size", "protocol", (int,))
-    if isinstance(b, int) and b < 1:
-        c.error("protocol.batch_size", f"{b}: must be ≥ 1")
-    c.need(p, "seed", "protocol", (int,))
-    c.need(p, "fluency", "protocol", (bool,))
-    c.need(p, "curve_every", "protocol", (int,), nullable=True)
-    c.need(p, "curve_probes", "protocol", (int,))
-    if name == "sequential":
-        if seq is None or (isinstance(n, int) and seq != n):
-            c.error("protocol.sequential", f"{seq!r}: a sequential run records T = n_edits ({n})")
-    elif name in ("single", "batch"):
-        if seq is not None:
-            c.error("protocol.sequential", f"{seq!r}: set on a {name} run (must be null)")
-        if timing not in (None, "each"):
-            c.error("protocol.eval_timing", f"{timing!r}: only sequential runs evaluate on the final model")
-        if name == "batch" and isinstance(b, int) and b < 2:
-            c.error("protocol.batch_size", f"{b}: a batch run edits at least 2 facts per update")
-        if name == "single" and isinstance(b, int) and b != 1:
-            c.error("protocol.batch_size", f"{b}: a single-edit run has batch size 1")
-    return p
-
-
-def _check_selection_vs_protocol(c: _Checker, r: dict[str, Any], p: dict[str, Any] | None) -> None:
-    n_sel = _get(r, "task.selection.n_selected")
-    n = p.get("n_edits") if p else None
-    if _is_number(n_sel) and _is_number(n) and n_sel != n:
-        c.error("protocol.n_edits", f"{n} edits but task.selection.n_selected is {n_sel}")
-
-
-def _check_metrics(c: _Checker, r: dict[str, Any], kind: str | None, p: dict[str, Any] | None,
-                   editor: dict[str, Any] | None) -> None:
-    m = c.block(r, "metrics", "")
-    if m is None:
-        return
-    for phase in ("pre", "post"):
-        entries = c.block(m, phase, "metrics")
-        if entries is None:
-            continue
-        for name, entry in entries.items():
-            _check_metric(c, f"metrics.{phase}.{name}", name, entry, kind)
-        if phase == "post" and "edit_succ" not in entries:
-            c.error("metrics.post.edit_succ", "required metric is missing (every task reports Edit Succ.)")
-        if p is not None and p.get("fluency") is False and "fluency" in entries:
-            c.error(f"metrics.{phase}.fluency", "present although the run had fluency off (protocol.fluency "
-                    "is false): an unmeasured metric must be absent")
-    if p is not None and p.get("fluency") is True and isinstance(m.get("post"), dict) and "fluency" not in m["post"]:
-        c.warn("metrics.post.fluency", "missing although protocol.fluency is true")
-    extra = set(m) - {"pre", "post"}
-    if extra:
-        c.warn("metrics", f"unexpected keys {', '.join(sorted(extra))} (ignored)")
-
-
-def _check_metric(c: _Checker, where: str, name: str, entry: Any, kind: str | None) -> None:
-    match = _METRIC_NAME.match(name)
-    main = match.group("main") if match else None
-    if main not in MAIN_METRICS or (match.group("sub") and main not in WITH_SUBKEYS):
-        c.warn(where, f"unknown metric name {name!r} (KnowEdit's are {', '.join(MAIN_METRICS)}, "
-               f"and {'.<Key>, '.join(WITH_SUBKEYS)}.<Key>); the leaderboard ignores it")
-    if not isinstance(entry, dict):
-        c.error(where, f"must be an object {{value, n, higher_is_better}}, not {_typename(entry)}")
-        return
-    value = entry.get("value")
-    if "value" not in entry:
-        c.error(f"{where}.value", "required key is missing")
-    elif not _is_number(value):
-        c.error(f"{where}.value", f"must be a number, not {_typename(value)} (an unmeasured metric is "
-                "absent, never null)")
-        value = None
-    elif not math.isfinite(value):
-        c.error(f"{where}.value", f"{value} is not a finite number")
-        value = None
-    n = c.need(entry, "n", where, (int,))
-    if isinstance(n, int) and n < 1:
-        c.error(f"{where}.n", f"{n}: a reported metric was measured on at least one item")
-    hib = c.need(entry, "higher_is_better", where, (bool,))
-    divergence = kind == "convsent" and main == "locality"
-    if hib is not None and main in MAIN_METRICS:
-        if divergence and hib:
-            c.error(f"{where}.higher_is_better", "ConvSent locality is a KL divergence: lower is better")
-        elif not divergence and not hib:
-            c.error(f"{where}.higher_is_better", f"{name} is higher-is-better for a {kind or '?'} task")
-    if value is None or main not in MAIN_METRICS:
-        return
-    if main == "fluency" or divergence:
-        what = "fluency (n-gram entropy ×100)" if main == "fluency" else "a KL divergence"
-        if value < 0:
-            c.error(f"{where}.value", f"{value} is negative; {what} is ≥ 0")
-    elif not 0 <= value <= 100:
-        c.error(f"{where}.value", f"{value} is outside [0, 100] (KnowEdit's ×100 scale)")
-
-
-def _check_other_blocks(c: _Checker, r: dict[str, Any]) -> None:
-    for key, typ in (("curve", list), ("edits", list), ("timings", dict), ("environment", dict), ("config", dict)):
-        if key not in r:
-            c.error(key, "required block is missing")
-        elif not isinstance(r[key], typ):
-            c.error(key, f"must be {_typename(typ())}, not {_typename(r[key])}")
-    env = r.get("environment")
-    if isinstance(env, dict):
-        c.need(env, "python", "environment", (str,), nonempty=True)
-        c.need(env, "packages", "environment", (dict,))
-    t = r.get("timings")
-    if isinstance(t, dict):
-        for k, v in t.items():
-            if not _is_number(v) or not math.isfinite(v) or v < 0:
-                c.error(f"timings.{k}", f"{v!r} is not a duration/size ≥ 0")
-    if "_records" in r:
-        c.error("_records", "the per-record log belongs in its own file (runner.finish() drops it)")
-    for key in sorted(set(r) - KNOWN_TOP_LEVEL - {"_records"}):
-        c.warn(key, "unknown top-level key (kept, not checked)")
+    if c.problems:  # a file from another schema major would only produce noise below
+        report.problems = c.problems
+        return report
+    skip = set()
+    kind = _get(result, "task.kind")
+    if v == "1.0" and isinstance(result.get("task"), dict) and kind not in STANDARD_FAMILIES:
+        skip.add("task.metric_family")  # migration cannot name the family of an unknown kind
+        if isinstance(kind, str):
+            c.error("task.kind", f"{kind!r} is not a task kind (one of {', '.join(STANDARD_FAMILIES)})")
+    model, parts, problems = _parse(migrate(result), skip)
+    c.problems += problems
+    _check_integrity(c, result)
+    _check_semantics(c, parts)
+    report.model = model
+    report.problems = c.problems
+    return report
 
 
 def _check_integrity(c: _Checker, r: dict[str, Any]) -> None:
-    integ = c.block(r, "integrity", "")
-    if integ is None:
-        return
-    algo = c.need(integ, "algorithm", "integrity", (str,))
-    if algo is not None and algo != INTEGRITY_ALGORITHM:
-        c.error("integrity.algorithm", f"{algo!r} is unknown (expected {INTEGRITY_ALGORITHM!r})")
-        return
-    stated = c.need(integ, "sha256", "integrity", (str,))
-    if stated is None:
-        return
+    integ = r.get("integrity")
+    if not isinstance(integ, dict) or integ.get("algorithm") != INTEGRITY_ALGORITHM:
+        return  # reported by the schema
+    stated = integ.get("sha256")
     actual = content_hash(r)
-    if stated != actual:
+    if isinstance(stated, str) and stated != actual:
         c.error("integrity.sha256", f"content hash mismatch: the file says {stated[:16]}…, its content hashes to "
                 f"{actual[:16]}…; the file was changed after the run sealed it (numbers edited by hand?). "
                 "Re-run to get a genuine result")
+
+
+def _check_semantics(c: _Checker, p: dict[str, Any]) -> None:
+    kb, ed, m, t, pr, metrics = (p.get(k) for k in ("knowbench", "editor", "model", "task", "protocol", "metrics"))
+    if kb is not None and kb.git_commit and kb.git_commit.endswith("-dirty"):
+        c.warn("knowbench.git_commit", f"{kb.git_commit}: run from a checkout with uncommitted changes")
+    if ed is not None:
+        # same recipe as knowbench.editor.hparams_hash, on the stored dict
+        h = ed.hparams_hash
+        expect = hashlib.sha256(json.dumps(ed.hparams, sort_keys=True, default=str).encode()).hexdigest()[: len(h)]
+        if len(h) < 8 or h != expect:
+            c.error("editor.hparams_hash", f"{h!r} does not match editor.hparams (their hash is "
+                    f"{expect[:16]!r}): the hyper-parameters were changed after the run")
+    if m is not None:
+        if m.id.startswith("random-") and m.source == "builtin":
+            c.warn("model.id", f"{m.id} is a randomly initialised smoke-test model: its metrics say nothing "
+                   "about editing quality")
+        if m.source == "local":
+            c.warn("model.source", "model loaded from a local folder: others need the same files to reproduce")
+        elif m.source == "hub" and m.revision is None:
+            c.warn("model.revision", "hub model without a resolved revision: the weights may change under its id")
+    if t is not None:
+        _check_task(c, t)
+    if pr is not None:
+        _check_protocol(c, pr)
+    if t is not None and pr is not None and t.selection.n_selected != pr.n_edits:
+        c.error("protocol.n_edits", f"{pr.n_edits} edits but task.selection.n_selected is {t.selection.n_selected}")
+    if metrics is not None:
+        _check_metrics(c, metrics, t, pr)
+
+
+def _check_task(c: _Checker, t: Any) -> None:
+    if t.n_records_usable > t.n_records_in_file:
+        c.error("task.n_records_usable", f"{t.n_records_usable} usable records out of {t.n_records_in_file} in "
+                "the file is impossible")
+    s = t.selection
+    if len(set(s.indices)) != len(s.indices):
+        c.error("task.selection.indices", "a record index appears twice")
+    if s.n_selected != len(s.indices):
+        c.error("task.selection.n_selected", f"{s.n_selected} but {len(s.indices)} indices are listed")
+    if s.n_selected > s.n_available:
+        c.error("task.selection.n_selected", f"{s.n_selected} selected out of {s.n_available} available is impossible")
+    if s.n_available != t.n_records_usable:
+        c.error("task.selection.n_available", f"{s.n_available} but task.n_records_usable is {t.n_records_usable}")
+    fam = t.metric_family
+    std = STANDARD_FAMILIES.get(fam.name)
+    if std is not None and not fam.same_as(std):
+        c.error("task.metric_family", f"differs from knowbench's standard {fam.name!r} family in its metrics, "
+                "their directions or units")
+    if t.kind in STANDARD_FAMILIES and fam.name != t.kind:
+        c.error("task.metric_family.name", f"{fam.name!r}, but a {t.kind} task reports the {t.kind!r} family")
+    if len(set(fam.names())) != len(fam.metrics):
+        c.error("task.metric_family.metrics", "a metric name appears twice")
+
+
+def _check_protocol(c: _Checker, p: Any) -> None:
+    if p.name == "sequential":
+        if p.sequential != p.n_edits:
+            c.error("protocol.sequential", f"{p.sequential!r}: a sequential run records T = n_edits ({p.n_edits})")
+        return
+    if p.sequential is not None:
+        c.error("protocol.sequential", f"{p.sequential!r}: set on a {p.name} run (must be null)")
+    if p.eval_timing != "each":
+        c.error("protocol.eval_timing", f"{p.eval_timing!r}: only sequential runs evaluate on the final model")
+    if p.name == "batch" and p.batch_size < 2:
+        c.error("protocol.batch_size", f"{p.batch_size}: a batch run edits at least 2 facts per update")
+    if p.name == "single" and p.batch_size != 1:
+        c.error("protocol.batch_size", f"{p.batch_size}: a single-edit run has batch size 1")
+
+
+def _check_metrics(c: _Checker, metrics: Any, t: Any, p: Any) -> None:
+    fam = t.metric_family if t is not None else None
+    for phase in ("pre", "post"):
+        entries = getattr(metrics, phase)
+        for name, e in entries.items():
+            where = f"metrics.{phase}.{name}"
+            if e.n < 1:
+                c.error(f"{where}.n", f"{e.n}: a reported metric was measured on at least one item")
+            spec = fam.spec(name) if fam is not None else None
+            if spec is None:
+                if fam is not None:
+                    subs = [f"{s.name}.<Key>" for s in fam.metrics if s.subkeys]
+                    c.error(where, f"unknown metric name {name!r}: a {fam.name} task reports "
+                            f"{', '.join(fam.names() + subs)}")
+                continue
+            if e.higher_is_better != spec.higher_is_better:
+                c.error(f"{where}.higher_is_better",
+                        f"{t.knowedit_name} {name} is a KL divergence: lower is better" if spec.unit == "kl" else
+                        f"{name} is {'higher' if spec.higher_is_better else 'lower'}-is-better for a {fam.name} task")
+            if spec.unit == "percent" and not 0 <= e.value <= 100:
+                c.error(f"{where}.value", f"{e.value} is outside [0, 100] (KnowEdit's ×100 scale)")
+            elif spec.unit != "percent" and e.value < 0:
+                what = "fluency (n-gram entropy ×100)" if spec.unit == "entropy" else "a KL divergence"
+                c.error(f"{where}.value", f"{e.value} is negative; {what} is ≥ 0")
+        if phase == "post" and "edit_succ" not in entries and (fam is None or "edit_succ" in fam.names()):
+            c.error("metrics.post.edit_succ", "required metric is missing (every task reports Edit Succ.)")
+        if p is not None and not p.fluency and "fluency" in entries:
+            c.error(f"metrics.{phase}.fluency", "present although the run had fluency off (protocol.fluency "
+                    "is false): an unmeasured metric must be absent")
+    if p is not None and p.fluency and "fluency" not in metrics.post:
+        c.warn("metrics.post.fluency", "missing although protocol.fluency is true")
 
 
 # -- files -----------------------------------------------------------------------------------

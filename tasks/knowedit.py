@@ -592,6 +592,11 @@ class TaskReader:
         return read(path, list(self.formats), task=self.task)
 
 
+# the metric family of each kind (tasks/families.py, imported when a run first scores a task)
+FAMILIES = {kind: f"knowbench.tasks.families:{cls}" for kind, cls in (
+    ("qa", "QAFamily"), ("wikibio", "WikiBioFamily"), ("convsent", "ConvSentFamily"), ("sanitation", "SanitationFamily"))}
+
+
 def _make_task(name: str, spec: dict[str, Any]) -> Task:
     unknown = [f for f in spec["formats"] if f not in FORMATS]
     if unknown:
@@ -603,8 +608,10 @@ def _make_task(name: str, spec: dict[str, Any]) -> Task:
         knowedit_name=spec["knowedit_name"],
         default_files=tuple(spec["default_files"]),
         reader=TaskReader(name, tuple(spec["formats"])),
+        family=FAMILIES[spec["kind"]],
         description=" ".join(spec["description"].split()),
         metrics=tuple(spec["metrics"]),
+        train_files=tuple(spec.get("train_files", ())),
     )
 
 

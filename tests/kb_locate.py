@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from knowbench.arch import ArchAdapter
-from knowbench.editor import EditContext, EditRequest
+from knowbench.editor import EditRequest, RunContext, StatsOptions
 
 _WORDS = ("the a of in city river capital is was born lives works museum old new north south "
           "Zorbia Quix painter baker red blue and to from").split()
@@ -31,9 +31,9 @@ REQS = [
 def make_editor(cls, model, tok, tmp_path: Path, seed: int = 0, **overrides):
     hp = cls.default_hparams(model, "tiny")
     hp = dataclasses.replace(hp, v_num_grad_steps=overrides.pop("v_num_grad_steps", 4), **overrides)
-    ctx = EditContext(
-        seed=seed, cache_dir=Path(tmp_path) / "stats", model_name="tiny",
-        extras={"corpus": toy_corpus(), "corpus_name": "toy", "stats_progress": False},
+    ctx = RunContext(  # statistics are cached under tmp_path / "stats"
+        seed=seed, cache_dir=Path(tmp_path), model_name="tiny",
+        stats=StatsOptions(corpus=toy_corpus(), corpus_name="toy", progress=False),
     )
     return cls(model, tok, hp, ctx)
 

@@ -1,4 +1,5 @@
-"""Synthetic, sealed result dicts shaped exactly like ``knowbench.runner.run()`` output.
+"""Synthetic, sealed result dicts shaped exactly like ``knowbench.runner.run()`` output
+(``knowbench.schema.Result``, schema 1.1 unless asked for the legacy 1.0 shape).
 
 Validation and leaderboard tests build their inputs here instead of running models.
 """
@@ -11,6 +12,7 @@ import json
 from typing import Any
 
 from knowbench.results import seal
+from knowbench.schema import SCHEMA_VERSION, STANDARD_FAMILIES
 
 DEFAULT_METRICS = {
     "qa": {
@@ -23,8 +25,8 @@ DEFAULT_METRICS = {
 
 
 def _entry(name: str, value: float, n: int, kind: str) -> dict[str, Any]:
-    hib = not (kind == "convsent" and name.split(".")[0] == "locality")
-    return {"value": value, "n": n, "higher_is_better": hib}
+    spec = STANDARD_FAMILIES[kind].spec(name)
+    return {"value": value, "n": n, "higher_is_better": spec.higher_is_better if spec else True}
 
 
 def make_result(
@@ -42,8 +44,10 @@ def make_result(
     fluency: bool = True,
     hparams: dict[str, Any] | None = None,
     knowedit_name: str | None = None,
+    schema_version: str = SCHEMA_VERSION,
 ) -> dict[str, Any]:
-    """A sealed result; ``post``/``pre`` map metric name -> value (absent names are not measured)."""
+    """A sealed result; ``post``/``pre`` map metric name -> value (absent names are not measured).
+    ``schema_version="1.0"`` leaves out what 1.1 added (editor.kind, task.metric_family, ...)."""
     metrics = copy.deepcopy(DEFAULT_METRICS["convsent" if kind == "convsent" else "qa"])
     post = dict(metrics["post"] if post is None else post)
     pre = dict(metrics["pre"] if pre is None else pre)
@@ -54,12 +58,12 @@ def make_result(
     n_available = max(12, n_edits)
     indices = list(range(0, n_edits * 2, 2)) if n_edits * 2 <= n_available else list(range(n_edits))
     result: dict[str, Any] = {
-        "schema_version": "1.0",
+        "schema_version": schema_version,
         "knowbench": {"version": "0.1.0", "git_commit": "a3f3942" + "0" * 33},
         "editor": {
             "name": editor, "distribution": "knowbench", "version": "0.1.0", "hparams": hp,
             "hparams_hash": hashlib.sha256(json.dumps(hp, sort_keys=True, default=str).encode()).hexdigest()[:16],
-            "hparams_file": None,
+            "hparams_file": None, "kind": "weights", "artefact": None,
         },
         "model": {
             "id": model, "source": "builtin", "path": None, "revision": "seed0", "model_type": "gpt2",
@@ -73,6 +77,7 @@ def make_result(
             "bad_records": [],
             "selection": {"method": "seeded-sample", "seed": seed, "n_available": n_available,
                           "n_selected": n_edits, "indices": indices},
+            "metric_family": STANDARD_FAMILIES[kind].model_dump(),
         },
         "protocol": {
             "name": protocol, "n_edits": n_edits, "sequential": n_edits if protocol == "sequential" else None,
@@ -89,9 +94,14 @@ def make_result(
         "timings": {"load_model_s": 0.1, "pre_eval_s": 0.2, "edit_s": 0.04, "edit_ms_per_edit": 10.0,
                     "post_eval_s": 0.3, "total_s": 1.0, "peak_memory_mb": 500.0},
         "environment": {"python": "3.11.2", "platform": "Linux", "machine": "x86_64", "cpu_count": 2,
+                        "torch_threads": 2,
                         "packages": {"torch": "2.13.0", "transformers": "5.23.0", "numpy": "2.0"}},
         "config": {"editor": editor, "task": task, "model": model, "seed": seed},
     }
+    if schema_version == "1.0":
+        for block, key in (("editor", "kind"), ("editor", "artefact"), ("task", "metric_family"),
+                           ("environment", "torch_threads")):
+            del result[block][key]
     return seal(result)
 
 

@@ -19,7 +19,7 @@ def _rel(a, b) -> float:
 def _threshold_at_median(model, tok, tmp_path, layers):
     """A threshold that splits C's spectrum in half, so P is a proper projector here."""
     probe = make_editor(AlphaEdit, model, tok, tmp_path, layers=layers, nullspace_threshold=1e9)
-    probe.prepare()
+    probe.setup()
     return min(float(probe.stat(l).eigh()[0].median()) for l in layers)
 
 
@@ -63,7 +63,7 @@ def test_solver_equals_the_reference_dense_formula(tmp_path, n_prev):
     model, tok = tiny_random_model("llama", n_layers=2, d_model=32)
     prepare_tokenizer(tok)
     ed = make_editor(AlphaEdit, model, tok, tmp_path, layers=[1], nullspace_threshold=1e9, L2=0.7)
-    ed.prepare()
+    ed.setup()
     u = ed.basis(1)
     d, r = u.shape
     g = torch.Generator().manual_seed(n_prev)
@@ -72,7 +72,7 @@ def test_solver_equals_the_reference_dense_formula(tmp_path, n_prev):
         ed.add_preserved(1, kp)
     keys = torch.randn(4, d, generator=g, dtype=torch.float64)
     resid = torch.randn(4, ArchAdapter(model).value_dim(1), generator=g, dtype=torch.float64)
-    got = ed.solve_update(1, keys, resid)
+    got = ed.projected_solve(1, keys, resid)
     p = u @ u.T
     kk = keys.T @ keys + kp.T @ kp
     expect = resid.T @ keys @ p @ torch.linalg.inv(kk @ p + 0.7 * torch.eye(d, dtype=torch.float64))
@@ -101,3 +101,11 @@ def test_empty_null_space_is_a_clear_error(tiny, tmp_path):
     with pytest.raises(ValueError, match="null space is empty.*nullspace_threshold"):
         ed.apply(REQS[:1])
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_sites_carry_the_c_of_the_projector_even_without_mom2_adjustment(tiny, tmp_path):
+    model, tok = tiny
+    ed = make_editor(AlphaEdit, model, tok, tmp_path, mom2_adjustment=False)
+    sites = ed.sites()
+    assert [s.layer for s in sites] == ed.layers
+    assert all(s.second_moment is ed.stat(s.layer) for s in sites)

@@ -15,14 +15,22 @@ from knowbench.diagnostics import (
     EditDiagnostics,
     ProbeItem,
     capture_keys,
-    editor_layers,
-    locality_probes,
 )
-from knowbench.editor import EditContext, EditOutcome, EditRequest, LayerTrace, WeightEditor
-from knowbench.evaluation import RecordScores
+from knowbench.editor import EditContext, EditOutcome, EditRequest, LayerTrace, Site, WeightEditor
+from knowbench.evaluation import EvalConfig, RecordScores
 from knowbench.records import EditRecord, Probe
+from knowbench.tasks.families import QAFamily
 
 LAYER = 1
+
+
+def locality_probes(records):
+    """The probe keys the QA family gives the diagnostics: one per locality item."""
+    return QAFamily(None, EvalConfig()).probes(records)
+
+
+def editor_layers(editor):
+    return [site.layer for site in editor.sites()]
 
 
 def _moment(model, tok, layer: int) -> torch.Tensor:
@@ -51,6 +59,10 @@ class ClosedForm(WeightEditor):
     def second_moment(self, layer: int):
         return self.C if layer == self.layer else None
 
+    def sites(self):
+        a = self.adapter
+        return [Site(self.layer, a.rewrite_name(self.layer), a.rewrite_param_name(self.layer), second_moment=self.C)]
+
     def apply(self, requests):
         (req,) = requests
         name = self.adapter.rewrite_param_name(self.layer)
@@ -74,6 +86,10 @@ class Perturb(WeightEditor):
         super().__init__(model, tok, {}, EditContext())
         self.layer = layer
         self.gen = torch.Generator().manual_seed(1)
+
+    def sites(self):
+        a = self.adapter
+        return [Site(self.layer, a.rewrite_name(self.layer), a.rewrite_param_name(self.layer))]
 
     def apply(self, requests):
         name = self.adapter.rewrite_param_name(self.layer)
@@ -116,7 +132,7 @@ def gpt2_64():
 
 # -- probes and keys ------------------------------------------------------------------------------
 def test_locality_probes_name_subject_and_owner():
-    probes = locality_probes(_records(2), "qa")
+    probes = locality_probes(_records(2))
     assert probes[0] == ProbeItem("The rank of Zorb0 is", "Zorb0", 10, "Relation_Specificity", 0)
     assert probes[1] == ProbeItem("Who wrote poem 0?", None, 10, "Relation_Specificity", 1)
     assert [p.record for p in probes] == [10, 10, 11, 11]
@@ -145,17 +161,16 @@ def test_capture_keys_match_one_prompt_at_a_time(tiny):
             torch.testing.assert_close(got[l][i], seen[l].float(), rtol=1e-4, atol=1e-5)
 
 
-def test_editor_layers():
-    class A:
-        layers = [5, 3]
+def test_diagnostics_watch_the_editors_sites(tiny):
+    """The diagnostics read only what an editor declares in sites(): its layers, and C there."""
+    from knowbench.diagnostics import for_run
 
-    class B:
-        hparams = type("H", (), {"layer": -1})()  # "-1 = default" in hparams is not a layer
-
-    class Cc:
-        layer = 2
-
-    assert editor_layers(A()) == [3, 5] and editor_layers(B()) is None and editor_layers(Cc()) == [2]
+    model, tok = tiny
+    recs = _records(2)
+    diag = for_run(model, tok, Perturb(model, tok, layer=2).sites(), recs, locality_probes(recs), sequential=True)
+    assert diag.watch == [2] and diag.moments(2) is None
+    diag = for_run(model, tok, [], recs, locality_probes(recs), sequential=True)  # names none: every layer
+    assert diag.watch == list(range(ArchAdapter(model).n_layers))
 
 
 # -- the closed form ----------------------------------------------------------------------------------
@@ -164,7 +179,7 @@ def test_sequential_closed_form_prediction_matches_observation(tiny64):
     C = _moment(model, tok, LAYER)
     recs = _records(6)
     editor = ClosedForm(model, tok, C)
-    diag = EditDiagnostics(model, tok, locality_probes(recs, "qa"), [LAYER], moments=editor.second_moment,
+    diag = EditDiagnostics(model, tok, locality_probes(recs), [LAYER], moments=editor.second_moment,
                            config=DiagnosticsConfig(sequential=True))
     w = S.Whitener.from_moment(C)
     probe_keys = diag.layers[LAYER].probe_keys
@@ -210,7 +225,7 @@ def test_prediction_uses_what_the_edit_wrote(gpt2_64):
     C = _moment(model, tok, LAYER)
     recs = _records(4)
     editor = ClosedForm(model, tok, C, written=0.3)
-    diag = EditDiagnostics(model, tok, locality_probes(recs, "qa"), [LAYER], moments=editor.second_moment)
+    diag = EditDiagnostics(model, tok, locality_probes(recs), [LAYER], moments=editor.second_moment)
     for req in _requests(recs):
         e = diag.after_apply(req, editor.apply(req))
         row = e["layers"][0]["edits"][0]
@@ -228,11 +243,12 @@ def test_probe_file_and_options(gpt2_64, tmp_path):
     f.write_text(json.dumps([{"prompt": "The capital of Zorb is", "subject": "Zorb"},
                              {"requested_rewrite": {"prompt": "{} plays the", "subject": "Quux"}}]))
     editor = Perturb(model, tok)
-    diag = for_run(model, tok, editor, _records(2), "qa", None, sequential=True, options={"probes": str(f)})
+    recs = _records(2)
+    diag = for_run(model, tok, editor.sites(), recs, locality_probes(recs), sequential=True, options={"probes": str(f)})
     assert [p.subject for p in diag.probes] == ["Zorb", "Quux"] and diag.probes[0].record is None
     assert diag.probe_source == f"file {f}" and diag.watch == [LAYER]
     with pytest.raises(ValueError, match="unknown diagnostics option"):
-        for_run(model, tok, editor, _records(2), "qa", None, sequential=True, options={"probe": "x"})
+        for_run(model, tok, editor.sites(), recs, locality_probes(recs), sequential=True, options={"probe": "x"})
 
 
 def test_single_protocol_interference_is_per_edit(tiny64):
@@ -240,7 +256,7 @@ def test_single_protocol_interference_is_per_edit(tiny64):
     C = _moment(model, tok, LAYER)
     recs = _records(3)
     editor = ClosedForm(model, tok, C)
-    diag = EditDiagnostics(model, tok, locality_probes(recs, "qa"), [LAYER], moments=editor.second_moment,
+    diag = EditDiagnostics(model, tok, locality_probes(recs), [LAYER], moments=editor.second_moment,
                            config=DiagnosticsConfig(sequential=False))
     means = []
     for req in _requests(recs):
@@ -261,7 +277,7 @@ def test_auroc_pairs_each_probe_with_its_locality_item(gpt2_64):
     C = _moment(model, tok, LAYER)
     recs = _records(6)
     editor = ClosedForm(model, tok, C)
-    probes = locality_probes(recs, "qa")
+    probes = locality_probes(recs)
     diag = EditDiagnostics(model, tok, probes, [LAYER], moments=editor.second_moment,
                            config=DiagnosticsConfig(sequential=False))
     for req in _requests(recs):
@@ -287,7 +303,7 @@ def test_editor_without_traces_gets_observed_interference_only(tiny):
     model, tok = tiny
     recs = _records(3)
     editor = Perturb(model, tok)
-    diag = EditDiagnostics(model, tok, locality_probes(recs, "qa"), editor_layers(editor),
+    diag = EditDiagnostics(model, tok, locality_probes(recs), editor_layers(editor),
                            config=DiagnosticsConfig(sequential=True))
     entries = [diag.after_apply(req, editor.apply(req)) for req in _requests(recs)]
     for t, e in enumerate(entries):
@@ -322,7 +338,7 @@ def test_missing_moment_is_a_warning_not_a_crash(gpt2_64):
     model, tok = gpt2_64
     C = _moment(model, tok, LAYER)
     editor = ClosedForm(model, tok, C)
-    diag = EditDiagnostics(model, tok, locality_probes(_records(1), "qa"), [LAYER])  # no C given
+    diag = EditDiagnostics(model, tok, locality_probes(_records(1)), [LAYER])  # no C given
     (req,) = _requests(_records(1))
     e = diag.after_apply(req, editor.apply(req))
     lay = e["layers"][0]
@@ -367,7 +383,7 @@ def test_edit_keys_of_a_run_are_captured_once_and_stay_exact(tiny):
     model, tok = tiny
     recs = _records(4)
     editor = Perturb(model, tok)
-    diag = EditDiagnostics(model, tok, locality_probes(recs, "qa"), editor_layers(editor),
+    diag = EditDiagnostics(model, tok, locality_probes(recs), editor_layers(editor),
                            config=DiagnosticsConfig(sequential=True))
     diag.run_items = [(r.prompt, r.subject) for r in recs]
     try:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from knowbench.editor import EditContext, EditRequest
+from knowbench.editor import EditRequest, RunContext
 from knowbench.editors.ft import FTHparams, FTL, FTM
 from knowbench.scoring import teacher_forced
 
@@ -18,7 +18,7 @@ def _acc(model, tok):
 def test_ftm_learns_target_and_restores_exactly(tiny):
     model, tok = tiny
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    editor = FTM(model, tok, FTHparams(num_steps=40, lr=5e-2), EditContext())
+    editor = FTM(model, tok, FTHparams(num_steps=40, lr=5e-2), RunContext())
     acc0 = _acc(model, tok)
     out = editor.apply([REQ])
     acc1 = _acc(model, tok)
@@ -32,7 +32,7 @@ def test_ftm_learns_target_and_restores_exactly(tiny):
 
 def test_ftl_optimises_last_prompt_position(tiny):
     model, tok = tiny
-    editor = FTL(model, tok, FTHparams(num_steps=30, lr=5e-2), EditContext())
+    editor = FTL(model, tok, FTHparams(num_steps=30, lr=5e-2), RunContext())
     out = editor.apply([REQ])
     assert out.info["loss_last"] < out.info["loss_first"]
     editor.restore()
@@ -42,7 +42,14 @@ def test_batch_of_edits(tiny):
     model, tok = tiny
     reqs = [EditRequest(prompt="The capital of Zorbia is", target_new="Quix"),
             EditRequest(prompt="Mount Plumbo stands in", target_new="Wexa")]
-    editor = FTM(model, tok, FTHparams(num_steps=150, lr=5e-2, stop_loss=1e-3), EditContext())
+    editor = FTM(model, tok, FTHparams(num_steps=150, lr=5e-2, stop_loss=1e-3), RunContext())
     editor.apply(reqs)
     accs = [tf.accuracy for tf in teacher_forced(model, tok, [(r.prompt, r.target_new) for r in reqs])]
     assert min(accs) == 1.0
+
+
+def test_site_is_the_trained_weight_without_a_second_moment(tiny):
+    model, tok = tiny
+    editor = FTM(model, tok, FTHparams(), RunContext())
+    (site,) = editor.sites()
+    assert site.param == editor.param_name and site.layer == editor.layer and site.second_moment is None

@@ -9,6 +9,8 @@ import torch
 from knowbench.arch import ArchAdapter
 from knowbench.editors.memit import MEMIT
 
+from knowbench.editors.locate import replay_keys, weighted_keys
+
 from kb_locate import REQS, make_editor, weights
 
 
@@ -51,15 +53,15 @@ def test_residual_is_spread_and_layers_see_the_edited_model(tiny, tmp_path):
     assert _rel(t0.residuals.double() * 3, delta) < 1e-5
     # keys of layer j were read after layers < j were edited: recomputing them on the final model
     # (edits at layers ≥ j do not change layer j's keys) gives the trace's keys
-    rec = ed._rerun(ed._last_targets, key_layers=[0, 1, 2])
-    from knowbench.locate import weighted_keys
+    rec = replay_keys(model, ed.adapter, ed._last_targets, ed.layers[0], key_layers=[0, 1, 2])
 
     for tr in out.traces:
         again = weighted_keys(rec.keys[tr.layer], ed._last_targets.batch, ed.contexts())
         assert _rel(again, tr.keys) < 1e-5
     # and they differ from the unedited model's keys there: the lower edits were seen
     ed.restore()
-    orig = weighted_keys(ed._rerun(ed._last_targets, key_layers=[2]).keys[2], ed._last_targets.batch, ed.contexts())
+    orig = weighted_keys(replay_keys(model, ed.adapter, ed._last_targets, ed.layers[0], key_layers=[2]).keys[2],
+                         ed._last_targets.batch, ed.contexts())
     assert _rel(orig, out.traces[2].keys) > 1e-4
 
 

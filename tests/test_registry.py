@@ -45,7 +45,8 @@ def _read(path: Path) -> LoadReport:
     return LoadReport(records=recs, bad=[], files=[Path(path)], format="toy", n_raw=len(rows))
 
 
-toy = Task(name="toy", kind="qa", version="1", knowedit_name="Toy", default_files=("toy.json",), reader=_read)
+toy = Task(name="toy", kind="qa", version="1", knowedit_name="Toy", default_files=("toy.json",), reader=_read,
+           family="knowbench.tasks.families:QAFamily")
 '''
 
 

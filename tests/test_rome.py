@@ -163,7 +163,7 @@ def test_prefix_cache_path_equals_rerunning_every_column(tiny, tmp_path):
     """The optimisation's fast path (blocks above the layer run only from the lookup column on,
     earlier columns from a KV cache) gives the same hidden states as rerunning every column."""
     from knowbench.keys import record
-    from knowbench.locate import UpperBlocks, build_batch
+    from knowbench.editors.locate import UpperBlocks, build_batch
 
     model, tok = tiny
     ed = make_editor(ROME, model, tok, tmp_path)
@@ -202,7 +202,7 @@ def test_delta_optimisation_matches_a_plain_full_forward_loop(tiny, tmp_path, ca
     model, tok = tiny
     ed = make_editor(ROME, model, tok, tmp_path, v_num_grad_steps=5, v_lr=0.005, v_weight_decay=1e-3, layers=[1])
     req = REQS[0]
-    with caplog.at_level(logging.DEBUG, logger="knowbench.locate"):
+    with caplog.at_level(logging.DEBUG, logger="knowbench.editors.locate"):
         ed.apply([req])
     ed.restore()
     ours = [float(re.search(r"loss \[([-\d.]+)\]", r.getMessage()).group(1))
@@ -260,3 +260,26 @@ def test_delta_optimisation_matches_a_plain_full_forward_loop(tiny, tmp_path, ca
     assert len(ours) == len(plain) == 5
     assert max(plain) - min(plain) > 1e-3  # δ does change the loss (the comparison is not vacuous)
     assert ours == pytest.approx(plain, rel=1e-4, abs=1e-4)
+
+
+def test_builtins_meet_the_contract_and_name_their_sites(tiny, tmp_path):
+    from knowbench import registry
+    from knowbench.editor import ChangeKind, check_editor
+
+    for name in ("ft-l", "ft-m", "rome", "memit", "alphaedit"):
+        cls = check_editor(registry.load(registry.EDITOR_GROUP, name), name)
+        assert cls.kind is ChangeKind.WEIGHTS
+    model, tok = tiny
+    ad = ArchAdapter(model)
+    ed = make_editor(ROME, model, tok, tmp_path)
+    ed.setup()
+    contexts, stats = ed.contexts(), dict(ed._stats)
+    ed.setup()  # idempotent: nothing sampled or computed again
+    assert ed.contexts() is contexts and all(ed._stats[l] is s for l, s in stats.items())
+    (site,) = ed.sites()
+    assert (site.layer, site.module, site.param) == (ed.layers[0], ad.rewrite_name(ed.layers[0]),
+                                                     ad.rewrite_param_name(ed.layers[0]))
+    assert site.second_moment is ed.stat(site.layer)
+    off = make_editor(ROME, model, tok, tmp_path / "off", mom2_adjustment=False)
+    assert [s.second_moment for s in off.sites()] == ["identity"]
+    assert not (tmp_path / "off" / "stats").exists()

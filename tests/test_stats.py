@@ -9,7 +9,9 @@ import torch
 
 from knowbench import stats as kstats
 from knowbench.arch import ArchAdapter
-from knowbench.keys import record, pad_right, pad_id, sample_prefixes, subject_index, subject_indices
+from knowbench.editor import StatsOptions
+from knowbench.editors.contexts import sample_prefixes
+from knowbench.keys import record, pad_right, pad_id, subject_index, subject_indices
 from knowbench.stats import Corpus, StatsUnavailable, load_text_files, resolve_corpus, second_moments
 
 from kb_locate import corpus_keys, rewrite_io, toy_corpus
@@ -90,18 +92,18 @@ def test_no_corpus_reachable_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(kstats, "load_hub_corpus", offline)
     with pytest.raises(StatsUnavailable) as err:
-        resolve_corpus({}, "wikipedia", 10)
+        resolve_corpus(StatsOptions(), "wikipedia", 10)
     msg = str(err.value)
     assert "wikipedia" in msg and "wikitext" in msg and "--stats-corpus" in msg and "stats-source model" in msg
 
 
 def test_list_corpus_and_model_sampled_corpus(tiny):
     model, tok = tiny
-    c = resolve_corpus({"corpus": ["x y", "z"], "corpus_name": "w"}, "wikipedia", 5)
+    c = resolve_corpus(StatsOptions(corpus=["x y", "z"], corpus_name="w"), "wikipedia", 5)
     assert c.name.startswith("w-") and not c.model_sampled
-    c2 = resolve_corpus({"corpus": ["x y", "zz"], "corpus_name": "w"}, "wikipedia", 5)
+    c2 = resolve_corpus(StatsOptions(corpus=["x y", "zz"], corpus_name="w"), "wikipedia", 5)
     assert c2.name != c.name  # content is in the name: a changed corpus never hits a stale cache
-    m = resolve_corpus({"stats_source": "model"}, "wikipedia", 3, model, tok)
+    m = resolve_corpus(StatsOptions(source="model"), "wikipedia", 3, model, tok)
     assert m.model_sampled and m.name.startswith("model-sampled")
     assert m.texts is None and m.n_texts() == 3  # lazy: nothing generated yet
     assert len(m.sample(10)) == 3 and len(m.texts) == 3
@@ -121,7 +123,7 @@ def test_lazy_corpus_is_not_produced_when_the_statistics_are_cached(tiny, tmp_pa
     assert calls == [1] and sm.cached and sm.meta["model_sampled"] is True
     assert sm.provenance()["model_sampled"] is True
     with pytest.raises(ValueError, match="stats_source"):
-        resolve_corpus({"stats_source": "nope"}, "wikipedia", 3)
+        resolve_corpus(StatsOptions(source="nope"), "wikipedia", 3)
 
 
 def test_subject_index_under_bos_prefixes_and_multibyte(tiny):

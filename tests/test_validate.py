@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from kb_results import make_result, reseal
 
 from knowbench.cli import main
 from knowbench.validate import ValidationError, check_file, validate, validate_file
+
+
+LEADERBOARD_FILE = (Path(__file__).resolve().parents[1] / "leaderboard" / "results" / "zsre" / "embedded" / "rome"
+                    / "single_s0.json")
 
 
 def errors(result) -> list[str]:
@@ -175,11 +180,59 @@ def test_warnings_do_not_invalidate():
     r = make_result()
     r["knowbench"]["git_commit"] += "-dirty"
     r["model"]["source"] = "local"
-    r["future_block"] = {}
+    del r["metrics"]["post"]["fluency"]  # protocol.fluency is true
     reseal(r)
     rep = validate(r)
     assert rep.ok and len(rep.warnings) == 3
     assert "uncommitted changes" in rep.describe()
+
+
+def test_unknown_keys_are_errors_where_the_schema_is_closed():
+    """Top level and core blocks are closed; free-form blocks (edits, config, provenance) are open."""
+    r = make_result()
+    r["future_block"] = {}
+    r["protocol"]["warmup"] = 3
+    r["metrics"]["post"]["edit_succ"]["stderr"] = 0.1
+    r["edits"][0]["my_editor_stat"] = 1.5
+    r["config"]["anything"] = {"goes": True}
+    r["editor"]["provenance"] = {"free": "form"}
+    reseal(r)
+    errs = errors(r)
+    assert sorted(e.split(":")[0] for e in errs) == ["future_block", "metrics.post.edit_succ.stderr",
+                                                     "protocol.warmup"]
+    assert all("unknown key" in e for e in errs)
+    r = make_result()
+    r["_records"] = []
+    reseal(r)
+    assert errors(r) == ["_records: the per-record log belongs in its own file (runner.finish() drops it)"]
+
+
+def test_schema_1_0_files_validate_by_migration(tmp_path):
+    """A 1.0 file (a real leaderboard file, and a synthetic one) validates; its hash is checked on the
+    file as written, and the typed model is the migrated 1.1 one."""
+    rep = validate_file(LEADERBOARD_FILE)
+    assert rep.ok, rep.describe()
+    assert rep.result["schema_version"] == "1.0" and "kind" not in rep.result["editor"]  # as written
+    assert rep.model.schema_version == "1.1" and rep.model.editor.kind == "weights"
+    assert rep.model.task.metric_family.name == "qa" and rep.model.diagnostics.kind == "weights"
+    old = make_result(schema_version="1.0", task="convsent", kind="convsent")
+    rep = validate(old)
+    assert rep.ok, rep.describe()
+    assert rep.model.task.metric_family.spec("locality").unit == "kl"
+    # a 1.0 file of a kind 1.0 did not know
+    odd = reseal({**make_result(schema_version="1.0"), "task": {**old["task"], "kind": "poetry"}})
+    assert errors(odd) == ["task.kind: 'poetry' is not a task kind (one of qa, wikibio, convsent, sanitation)"]
+
+
+def test_schema_1_0_file_with_an_edited_number_fails_the_hash(tmp_path):
+    path = tmp_path / "old.json"
+    text = LEADERBOARD_FILE.read_text()
+    edited = text.replace('"value": 93.9', '"value": 98.9', 1)
+    assert edited != text
+    path.write_text(edited)
+    rep = validate_file(path)
+    assert [p.where for p in rep.errors] == ["integrity.sha256"]
+    assert "content hash mismatch" in rep.errors[0].message
 
 
 def test_not_a_result(tmp_path):

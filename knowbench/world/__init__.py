@@ -40,6 +40,12 @@ _TASK_ALIASES = {
 }
 
 
+def fact_file() -> Path:
+    """The world's file of plain pre-edit facts the model was trained on (its CounterFact-style
+    task file), which the superposition study analyses by default."""
+    return default_task_file("counterfact")
+
+
 def default_task_file(task_name: str) -> Path:
     """The shipped world file of a task (zsre, wiki_recent, counterfact, wikibio, convsent,
     sanitation; KnowEdit's spellings accepted)."""

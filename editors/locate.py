@@ -1,18 +1,29 @@
-"""What ROME, MEMIT and AlphaEdit share: the target value v* = v + δ and the run-wide state.
+"""The locate-then-edit machinery ROME, MEMIT and AlphaEdit share, in the order of the math (DESIGN 6).
 
-δ optimisation (DESIGN 6). For each edit (prompt x with subject s, new target y = y_1..y_m), a vector
-δ is added to the residual stream at the last subject token of every rewriting prompt
-"{prefix}{x} y_1..y_{m-1}" (one per context prefix, the bare prompt first) at the output of block l,
-and to the KL prompt "{s} is a". δ minimises
+1. Keys. Every edit (prompt x with subject s, new target y = y_1..y_m) is run in c contexts
+   "{prefix}{x}" (the bare prompt first, then the prefixes of :mod:`.contexts`); the key k is the
+   rewrite module's input at the subject's last token, k* = Σ_c w_c k_c the context-weighted mean
+   (:func:`build_batch`, :func:`weighted_keys`; :func:`replay_keys` reads them again on edited weights).
 
-    L(δ) = mean_c [ −(1/m) Σ_j log p(y_j | prefix_c, x, y_<j) ]                target NLL
-         + kl_factor · KL( p_δ(· | "{s} is a") ‖ p_0(· | "{s} is a") )         at the subject token
-         + v_weight_decay · ‖δ‖ / ‖v‖²                                         v: the initial vector
+2. Target values. A vector δ is added to the residual stream at the last subject token of every
+   rewriting prompt "{prefix}{x} y_1..y_{m-1}" at the output of block l, and to the KL prompt
+   "{s} is a". δ minimises
 
-with Adam (``v_lr``, ``v_num_grad_steps``: that many forward passes, one step fewer), δ projected
-back into the ball ‖δ‖ ≤ clamp_norm_factor·‖v‖ after every step, and an early stop once L < 0.05.
-Adding δ to the MLP output (ROME) and to the block output (MEMIT's z) is the same thing in every
-supported architecture, because the MLP output is added straight into the residual stream.
+       L(δ) = mean_c [ −(1/m) Σ_j log p(y_j | prefix_c, x, y_<j) ]                target NLL
+            + kl_factor · KL( p_δ(· | "{s} is a") ‖ p_0(· | "{s} is a") )         at the subject token
+            + v_weight_decay · ‖δ‖ / ‖v‖²                                         v: the initial vector
+
+   with Adam (``v_lr``, ``v_num_grad_steps``: that many forward passes, one step fewer), δ projected
+   back into the ball ‖δ‖ ≤ clamp_norm_factor·‖v‖ after every step, and an early stop once L < 0.05
+   (:func:`optimise_targets`). v* = v + δ (ROME: v the MLP output) or z* = z + δ (MEMIT: z the block
+   output): the same thing in every supported architecture, because the MLP output is added straight
+   into the residual stream.
+
+3. Closed-form pieces. C⁻¹x with C = E[kkᵀ] from :func:`knowbench.stats.key_statistics`, or x when
+   C = I (:func:`c_solve`); for editors spreading one target over layers L₁ < … < L_m, layer L_j's
+   keys on the model the lower layers left and its residual share R = (z* − h) / (m − j)
+   (:func:`layer_keys_and_residual`); W k + b and W += ΔW (:meth:`LocateEditor.rewrite_out`,
+   :meth:`LocateEditor.write`).
 
 Speed: one recorded forward pass per edit (batch) gives the keys, the initial values and the
 residual stream after block l; every optimisation step reruns only the blocks above l on it, and the
@@ -20,8 +31,8 @@ LM head runs only at the target positions and the KL position. Several edits (ME
 optimised together with one δ per edit: their losses are independent, so this equals optimising
 each alone, with per-edit early stopping and clamping.
 
-Run-wide state kept on the editor instance: the context prefixes (sampled once, seeded), the
-second-moment statistics C per layer and their factorisations.
+:class:`LocateEditor` keeps the run-wide state on the editor instance: the context prefixes (sampled
+once, seeded), the second-moment statistics C per layer and their factorisations.
 """
 
 from __future__ import annotations
@@ -31,16 +42,20 @@ import logging
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .arch import cache_kwargs, returned_cache
-from .editor import EditContext, EditRequest, WeightEditor
-from .keys import ContextSet, Recording, lm_logits, pad_id, record, sample_prefixes, subject_indices
-from .stats import SecondMoment, default_cache_dir, resolve_corpus, second_moments
+from knowbench.arch import cache_kwargs, returned_cache
+from knowbench.editor import ChangeKind, EditRequest, RunContext, Site, WeightEditor
+from knowbench.keys import Recording, lm_logits, record, subject_indices
+from knowbench.scoring import join_prompt_target, target_spans
+from knowbench.stats import SecondMoment, key_statistics
+from knowbench.tokens import pad_batch, pad_id
+
+from .contexts import ContextSet, sample_prefixes
+from .hparams_yaml import find_hparams_file
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +65,7 @@ log = logging.getLogger(__name__)
 class LocateHparams:
     """Hyper-parameters shared by the locate-then-edit editors (names follow the reference)."""
 
-    layers: list[int] = field(default_factory=list)  # empty: chosen by the layer-fraction rule
+    layers: list[int] = field(default_factory=list)  # empty: the editor's default_layers
     fact_token: str = "subject_last"  # "subject_last" or "last"
     v_num_grad_steps: int = 20
     v_lr: float = 0.5
@@ -59,7 +74,7 @@ class LocateHparams:
     kl_factor: float = 0.0625
     early_stop_loss: float = 0.05
     mom2_adjustment: bool = True  # False: C = I
-    mom2_dataset: str = "wikipedia"  # hub corpus name or a local path (extras["corpus"] wins)
+    mom2_dataset: str = "wikipedia"  # hub corpus name or a local path (a run's StatsOptions.corpus wins)
     mom2_n_samples: int = 100000
     mom2_dtype: str = "float32"
     mom2_max_length: int | None = None  # tokens per text (default: the model's context)
@@ -69,50 +84,13 @@ class LocateHparams:
     context_template_starts: list[str] | None = None  # None: sample from BOS (ROME)
 
 
-def layer_rule(n_layers: int, editor: str) -> list[int]:
-    """Layers for a model no YAML matches, by depth fraction (between the references' choices:
-    ROME uses 17/48 on gpt2-xl and 5/32 on llama; MEMIT 5-6 layers ending there)."""
-    r = min(n_layers - 1, max(0, round(0.25 * n_layers)))
-    if editor == "rome":
-        return [r]
-    m = max(2 if n_layers >= 4 else 1, round(0.15 * n_layers))
-    return list(range(max(0, r - m + 1), r + 1))
+def quarter_depth(n_layers: int) -> int:
+    """The layer at a quarter of the depth, where the references edit (ROME: 17/48 on gpt2-xl and
+    5/32 on llama; MEMIT's 5-6 layers end there)."""
+    return min(n_layers - 1, max(0, round(0.25 * n_layers)))
 
 
-def _hparams_dir():
-    return resources.files("knowbench.editors") / "hparams"
-
-
-def find_hparams_file(editor: str, model: nn.Module, model_name: str) -> tuple[Any, dict] | None:
-    """The first ``{editor}-*.yaml`` whose ``match`` fits the model: a name substring of the model
-    name, or the model_type together with the layer count. Its layers must exist in this model."""
-    import yaml
-
-    name = model_name.lower()
-    model_type = getattr(model.config, "model_type", "")
-    n_layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
-    for f in sorted(_hparams_dir().iterdir(), key=lambda p: p.name):
-        if not (f.name.startswith(f"{editor}-") and f.name.endswith(".yaml")):
-            continue
-        data = yaml.safe_load(f.read_text())
-        match = data.get("match", {})
-        by_name = any(s.lower() in name for s in match.get("names", []))
-        by_arch = (
-            match.get("model_type") == model_type
-            and match.get("n_layers") is not None
-            and match.get("n_layers") == n_layers
-        )
-        if not (by_name or by_arch):
-            continue
-        hp = data.get("hparams", {})
-        if n_layers is not None and any(not 0 <= l < n_layers for l in hp.get("layers", [])):
-            log.warning("%s matches %s but names layers it lacks; ignoring it", f.name, model_name)
-            continue
-        return f, hp
-    return None
-
-
-# -- δ optimisation ----------------------------------------------------------------------------
+# -- 1. keys: the edit rows and the keys read from them ---------------------------------------
 @dataclass
 class EditBatch:
     """Token rows for n edits × c contexts (+ one KL row per edit), padded so that every row's
@@ -139,8 +117,8 @@ class EditBatch:
 
 
 def build_batch(tok: Any, requests: Sequence[EditRequest], contexts: ContextSet, fact_token: str, device: Any) -> EditBatch:
-    from .scoring import join_prompt_target, target_spans
-
+    """The rows every key and target is read from: each request in each context (the target's
+    tokens fed but the last), then its KL row "{s} is a", left-aligned on the lookup token."""
     seqs, subj_cols, row_edit = [], [], []
     tgt_rows, tgt_cols, tgt_labels, tgt_weight, tgt_edit = [], [], [], [], []
     n, c = len(requests), len(contexts)
@@ -186,13 +164,7 @@ def build_batch(tok: Any, requests: Sequence[EditRequest], contexts: ContextSet,
     # are then the same for every δ, which lets the optimisation cache them (see UpperBlocks).
     split = max(subj_cols)
     shift = [split - c_ for c_ in subj_cols]
-    width = max(a + len(q) for a, q in zip(shift, seqs))
-    ids = torch.full((len(seqs), width), pad_id(tok), dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, (a, q) in enumerate(zip(shift, seqs)):
-        ids[r, a : a + len(q)] = torch.as_tensor(q, dtype=torch.long)
-        mask[r, a : a + len(q)] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    ids, mask, pos, _ = pad_batch(seqs, pad_id(tok), offsets=shift)
     tgt_cols = [c_ + shift[r] for r, c_ in zip(tgt_rows, tgt_cols)]
     t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
     return EditBatch(
@@ -202,6 +174,30 @@ def build_batch(tok: Any, requests: Sequence[EditRequest], contexts: ContextSet,
     )
 
 
+def weighted_keys(keys: torch.Tensor, batch: EditBatch, contexts: ContextSet) -> torch.Tensor:
+    """k* per edit: the context-weighted mean of the keys at the subject token, (n, d_in).
+    ``keys`` has one row per batch row (n·c context rows first, then the KL rows)."""
+    n, c = batch.n_edits, batch.n_ctx
+    w = torch.tensor(contexts.weights, dtype=torch.float64, device=keys.device)
+    return (keys[: n * c].double().reshape(n, c, -1) * w[None, :, None]).sum(1)
+
+
+def replay_keys(model: nn.Module, adapter: Any, t: "Targets", first: int, key_layers: list[int],
+                z_layer: int | None = None) -> Recording:
+    """Keys at ``key_layers`` (and the output of block ``z_layer``) on the current weights, at every
+    row's lookup token, rerunning only the blocks from ``first`` up on the residual stream recorded
+    entering it (``t.rec``, recorded with ``calls_from=first``)."""
+    b = t.batch
+    return record(
+        model, adapter, b.input_ids, b.attention_mask, b.position_ids,
+        positions=(b.subj_rows, b.subj_cols), key_layers=key_layers,
+        block_out_layers=[z_layer] if z_layer is not None else [],
+        stop_after=max(key_layers + ([z_layer] if z_layer is not None else [])),
+        replay_from=(t.rec, first, t.rec.block_in[first]),
+    )
+
+
+# -- 2. target values: δ, v* = v + δ ---------------------------------------------------------
 @dataclass
 class Targets:
     """Result of the δ optimisation for n edits at block ``layer``."""
@@ -451,35 +447,52 @@ def _fmt(t: torch.Tensor) -> str:
     return "[" + " ".join(f"{float(x):.5f}" for x in t.detach().reshape(-1)[:8]) + "]"
 
 
-def weighted_keys(keys: torch.Tensor, batch: EditBatch, contexts: ContextSet) -> torch.Tensor:
-    """k* per edit: the context-weighted mean of the keys at the subject token, (n, d_in).
-    ``keys`` has one row per batch row (n·c context rows first, then the KL rows)."""
-    n, c = batch.n_edits, batch.n_ctx
-    w = torch.tensor(contexts.weights, dtype=torch.float64, device=keys.device)
-    return (keys[: n * c].double().reshape(n, c, -1) * w[None, :, None]).sum(1)
+# -- 3. closed-form pieces ----------------------------------------------------------------------
+def c_solve(sm: SecondMoment | None, x: torch.Tensor) -> torch.Tensor:
+    """C⁻¹x for x (d,) or (d, n) in float64 (Cholesky solve); x itself (a copy) when C = I (None)."""
+    return sm.solve(x) if sm is not None else x.clone()
+
+
+def layer_keys_and_residual(editor: "LocateEditor", t: "Targets", j: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For editors spreading z* over ``editor.layers`` = L₁ < … < L_m (MEMIT, AlphaEdit): layer L_j's
+    keys K (n, d_in) float64, read on the model as the layers below L_j left it, and its share of
+    the remaining residual R = (z* − h) / (m − j) (n, d_out) float64, h = the current output of L_m
+    at each bare prompt's subject token. ``t``: targets at L_m recorded with ``calls_from=L₁``."""
+    layers, top = editor.layers, editor.layers[-1]
+    layer, b = layers[j], t.batch
+    if j == 0:  # nothing edited yet: the recorded pass has the keys and z
+        key_rows, cur_z = t.keys[layer], t.init
+    else:
+        rec = replay_keys(editor.model, editor.adapter, t, layers[0], key_layers=[layer], z_layer=top)
+        bare = b.bare_rows().to(b.subj_cols.device)
+        key_rows = rec.keys[layer]
+        cur_z = rec.block_out[top][bare, b.subj_cols[bare]]
+    keys = weighted_keys(key_rows, b, editor.contexts())  # (n, d_in)
+    resid = (t.target.double() - cur_z.double()) / (len(layers) - j)  # (n, d_out)
+    return keys, resid
 
 
 # -- the editor base ---------------------------------------------------------------------------
 class LocateEditor(WeightEditor):
     """Base of ROME / MEMIT / AlphaEdit: hparams by model family, contexts and C kept for the run.
 
-    Reads from ``EditContext.extras``: ``corpus`` (list of texts or a path to .txt/.json/.jsonl
-    files), ``corpus_name``, ``stats_source`` ("auto" | "corpus" | "wikipedia" | "wikitext" |
-    "model"), ``stats_samples`` (overrides ``mom2_n_samples``), ``stats_progress`` (bool).
-    Statistics are cached under ``EditContext.cache_dir`` (default ``$KNOWBENCH_CACHE/stats`` or
-    ``~/.cache/knowbench/stats``).
+    C's corpus comes from the run's ``RunContext.stats`` (:class:`knowbench.editor.StatsOptions`:
+    corpus, corpus name, source, sample count), its configuration from the ``mom2_*``
+    hyper-parameters; statistics are cached under ``RunContext.cache("stats")`` (default
+    ``$KNOWBENCH_CACHE/stats`` or ``~/.cache/knowbench/stats``).
     """
 
     name: ClassVar[str] = "locate"
     hparams_cls: ClassVar[type] = LocateHparams
+    kind: ClassVar[ChangeKind] = ChangeKind.WEIGHTS
     grouped_contexts: ClassVar[bool] = False  # MEMIT/AlphaEdit: bare prompt weighs 1/2 in k
 
-    def __init__(self, model: nn.Module, tokenizer: Any, hparams: Any, context: EditContext):
+    def __init__(self, model: nn.Module, tokenizer: Any, hparams: Any, context: RunContext):
         if not dataclasses.is_dataclass(hparams):
             raise TypeError(f"{self.name}: hparams must be a {self.hparams_cls.__name__}")
         super().__init__(model, tokenizer, hparams, context)
         n = self.adapter.n_layers
-        layers = list(hparams.layers) or layer_rule(n, self.name)
+        layers = list(hparams.layers) or self.default_layers(n)
         bad = [l for l in layers if not -n <= l < n]
         if bad:
             raise ValueError(f"{self.name}: layers {bad} do not exist in this {n}-layer model")
@@ -494,13 +507,22 @@ class LocateEditor(WeightEditor):
 
     # -- defaults ---------------------------------------------------------------------------
     @classmethod
+    def default_layers(cls, n_layers: int) -> list[int]:
+        """Layers for a model no YAML matches, by depth fraction: here several (about 15 % of the
+        depth, at least 2 from 4 layers up) ending at the quarter-depth layer, as MEMIT spreads its
+        update; single-layer editors override this."""
+        r = quarter_depth(n_layers)
+        m = max(2 if n_layers >= 4 else 1, round(0.15 * n_layers))
+        return list(range(max(0, r - m + 1), r + 1))
+
+    @classmethod
     def default_hparams(cls, model: nn.Module, model_name: str = "") -> Any:
         """The YAML for this model family (editors/hparams/{editor}-*.yaml), else the defaults with
-        layers from :func:`layer_rule`."""
+        layers from :meth:`default_layers`."""
         found = find_hparams_file(cls.name, model, model_name)
         if found is None:
             n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer")
-            return cls.rule_hparams(model, layer_rule(n, cls.name))
+            return cls.rule_hparams(model, cls.default_layers(n))
         path, values = found
         fields = {f.name for f in dataclasses.fields(cls.hparams_cls)}
         unknown = sorted(set(values) - fields)
@@ -543,10 +565,10 @@ class LocateEditor(WeightEditor):
         """C of ``layer`` as the update uses it: None when mom2_adjustment is off (C = I)."""
         return self.stat(layer) if self.hparams.mom2_adjustment else None
 
-    def prepare(self) -> None:
+    def setup(self) -> None:
         """Compute or load everything fixed for the run (C per layer and its factorisation, the
-        context prefixes). Called by the first ``apply``; a runner may call it earlier so the first
-        edit's time is the edit alone."""
+        context prefixes). Idempotent; the first ``apply`` calls it, and a runner calls it earlier
+        so that the first edit's time is the edit alone."""
         self.contexts()
         if self.uses_stats():
             self._compute_stats()
@@ -554,31 +576,37 @@ class LocateEditor(WeightEditor):
     def _compute_stats(self) -> None:
         if all(l in self._stats for l in self.stats_layers()):
             return
-        hp, extras = self.hparams, self.context.extras
-        n = int(extras.get("stats_samples") or hp.mom2_n_samples)
-        if str(extras.get("stats_source", "")).lower() == "model" and not extras.get("stats_samples"):
-            n = min(n, 1000)  # generating is slow; enough for d ≲ 4k, recorded in provenance
+        hp = self.hparams
         t0 = time.perf_counter()
-        corpus = resolve_corpus(extras, hp.mom2_dataset, n, self.model, self.tok)
-        stats = second_moments(
-            self.model, self.tok, self.stats_layers(), corpus, n_samples=n, dtype=hp.mom2_dtype,
-            max_length=hp.mom2_max_length,
-            cache_dir=self.context.cache_dir or default_cache_dir(),
-            model_name=self.context.model_name, progress=bool(extras.get("stats_progress", True)),
-            device=next(self.model.parameters()).device,
+        stats = key_statistics(
+            self.model, self.tok, self.stats_layers(), self.context.stats,
+            dataset=hp.mom2_dataset, n_samples=hp.mom2_n_samples, dtype=hp.mom2_dtype,
+            max_length=hp.mom2_max_length, ridge=hp.mom2_ridge, cache_dir=self.context.cache("stats"),
+            model_name=self.context.model_name,
         )
-        for sm in stats.values():
-            sm.set_ridge(hp.mom2_ridge)
-            sm.cholesky()  # factorise once per layer, now
         self._stats.update(stats)
+        meta = next(iter(stats.values())).meta
         self._stats_info = {
-            "corpus": corpus.name, "model_sampled": corpus.model_sampled,
-            "n_samples": next(iter(stats.values())).meta.get("n_samples"),
+            "corpus": meta.get("corpus"), "model_sampled": meta.get("model_sampled"),
+            "n_samples": meta.get("n_samples"),
             "layers": {str(l): s.provenance() for l, s in stats.items()},
             "seconds": round(time.perf_counter() - t0, 3),
         }
-        if corpus.model_sampled:
-            log.warning("%s: key statistics computed on text sampled from the model itself", self.name)
+
+    def sites(self) -> list[Site]:
+        """One site per edited layer, with the C the update solves with: C itself with
+        ``mom2_adjustment``, else the C the editor reads anyway (AlphaEdit's projector), else C = I."""
+        out = []
+        for layer in self.layers:
+            if self.hparams.mom2_adjustment:
+                c: Any = self.second_moment(layer)
+            elif self.uses_stats():
+                c = self.stat(layer)
+            else:
+                c = "identity"
+            out.append(Site(layer, self.adapter.rewrite_name(layer), self.adapter.rewrite_param_name(layer),
+                            second_moment=c))
+        return out
 
     def provenance(self) -> dict[str, Any]:
         """What a result file needs to reproduce this editor's fixed inputs."""
@@ -617,6 +645,7 @@ class LocateEditor(WeightEditor):
                         f"{self.name}: {where}: subject {req.subject!r} does not occur in prompt {req.prompt!r}"
                     )
 
+    # -- the closed form's reads and writes ---------------------------------------------------
     @torch.no_grad()
     def rewrite_out(self, layer: int, keys: torch.Tensor) -> torch.Tensor:
         """W k + b of the rewrite module as it is now, in float64, for keys (n, d_in)."""

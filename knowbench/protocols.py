@@ -1,0 +1,89 @@
+"""Editing protocols (DESIGN section 5) as small objects the runner drives.
+
+* :class:`Single`      each edit on the original model, evaluated, weights restored exactly;
+* :class:`Batch`       B edits in one update on the original model, evaluated, restored;
+* :class:`Sequential`  T edits applied one after another (in updates of B) without restoring,
+                       evaluated right after each update (``each``) or all on the final model
+                       (``final``); locality always against the unedited model. ``curve_every``
+                       adds a lifelong curve: a fixed probe subset evaluated every k edits.
+
+A protocol says how the selected records are cut into applies, whether the model is restored
+after each apply, when records are scored, and writes its block of the result
+(``knowbench.schema.ProtocolInfo``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+
+@dataclass
+class Single:
+    name = "single"
+    batch_size: int = 1
+    accumulates = False  # the model is restored after every apply
+    eval_timing = "each"
+    curve_every: int | None = None
+    curve_probes: int = 0
+
+    def chunks(self, records: Sequence[Any]) -> list[Sequence[Any]]:
+        b = self.batch_size
+        return [records[i : i + b] for i in range(0, len(records), b)]
+
+    @property
+    def score_after_apply(self) -> bool:
+        """Whether an apply's records are scored right after it (else all on the final model)."""
+        return self.eval_timing == "each"
+
+    def n_wanted(self, limit: int | None) -> int | None:
+        return limit
+
+    def info(self, n_edits: int, seed: int, fluency: bool, n_curve_probes: int = 0) -> dict[str, Any]:
+        from .schema import ProtocolInfo
+
+        return ProtocolInfo(
+            name=self.name, n_edits=n_edits, sequential=None, eval_timing=self.eval_timing,
+            batch_size=self.batch_size, seed=seed, curve_every=None, curve_probes=0, fluency=fluency,
+        ).model_dump()
+
+
+@dataclass
+class Batch(Single):
+    name = "batch"
+
+
+@dataclass
+class Sequential(Single):
+    name = "sequential"
+    accumulates = True
+    n_edits: int = 1
+    eval_timing: str = "each"  # type: ignore[misc]
+
+    def n_wanted(self, limit: int | None) -> int | None:
+        return self.n_edits
+
+    def info(self, n_edits: int, seed: int, fluency: bool, n_curve_probes: int = 0) -> dict[str, Any]:
+        from .schema import ProtocolInfo
+
+        return ProtocolInfo(
+            name=self.name, n_edits=n_edits, sequential=self.n_edits, eval_timing=self.eval_timing,
+            batch_size=self.batch_size, seed=seed, curve_every=self.curve_every if n_curve_probes else None,
+            curve_probes=n_curve_probes, fluency=fluency,
+        ).model_dump()
+
+
+def from_options(*, sequential: int | None, batch_size: int | None, eval_timing: str,
+                 curve_every: int | None, curve_probes: int) -> Single:
+    """The protocol that run options name; bad options are a ValueError naming the flag."""
+    if eval_timing not in ("each", "final"):
+        raise ValueError(f"--eval-timing must be 'each' or 'final', not {eval_timing!r}")
+    if sequential is not None and sequential < 1:
+        raise ValueError("--sequential T needs T >= 1")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError("--batch-size B needs B >= 1")
+    batch = batch_size or 1
+    if sequential:
+        return Sequential(batch_size=batch, curve_every=curve_every, curve_probes=curve_probes,
+                          n_edits=sequential, eval_timing=eval_timing)
+    return Batch(batch_size=batch) if batch > 1 else Single()
