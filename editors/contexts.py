@@ -65,10 +65,7 @@ def sample_prefixes(
     starts: Sequence[str] | None = None,
     top_k: int = 5,
 ) -> list[str]:
-    """Short texts sampled from the model (top-k sampling, seeded), each ending in ". ".
-
-    ``length_params`` is a list of (total tokens including the start, count). With ``starts``
-    (e.g. MEMIT's "The", "Therefore", ...) each length draws count // len(starts) texts per start
-    word; without, generation starts from the BOS (or EOS) token alone, as ROME does.
-    """
+    """Context prefixes: :func:`knowbench.stats.sample_texts` (``length_params``: (tokens, count) per
+    group; ``starts``: MEMIT's start words, or None to start from BOS as ROME does), each cleaned to
+    one line ending in ". "."""
     return [_clean_prefix(t) for t in sample_texts(model, tok, length_params, seed, starts, top_k)]

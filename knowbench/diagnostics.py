@@ -90,7 +90,8 @@ def capture_keys(
     (float64 for a float64 model).
     The key is read at the subject's last token (its first occurrence), or at the prompt's last
     token when the subject is None."""
-    from .keys import pad_id, pad_right, record, subject_indices
+    from .keys import record, subject_indices
+    from .tokens import pad_batch, pad_id
 
     adapter = ArchAdapter(model)
     layers = sorted({adapter._check(layer) for layer in layers})
@@ -120,7 +121,7 @@ def capture_keys(
         with progress_bar(progress or "keys", n if progress else None) as advance:
             for b0 in range(0, n, batch_size):
                 idx = order[b0 : b0 + batch_size]
-                ids, mask, pos = pad_right([rows[i][0] for i in idx], pad_id(tok), device)
+                ids, mask, pos, _ = pad_batch([rows[i][0] for i in idx], pad_id(tok), "right", device)
                 where = (torch.arange(len(idx), device=device), torch.tensor([rows[i][1] for i in idx], device=device))
                 rec = record(model, adapter, ids, mask, pos, positions=where, key_layers=layers, stop_after=layers[-1])
                 for layer in layers:

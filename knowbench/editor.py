@@ -253,9 +253,6 @@ class WeightEditor(Editor):
             for name, saved in self._saved.items():
                 self.model.get_parameter(name).copy_(saved)
 
-    @property
-    def touched(self) -> list[str]:
-        return sorted(self._saved)
 
 
 # -- the contract, checked when a plugin loads -----------------------------------------------

@@ -11,7 +11,7 @@ the last token of the subject is the key k, its output the value v = W k (+ bias
   (:class:`Recording`, :meth:`Recording.replay`);
 * the LM head on selected rows of the residual stream (:func:`lm_logits`).
 
-Rows are padded on the right internally (:func:`pad_right`, i.e. :func:`knowbench.tokens.pad_batch`),
+Rows are padded on the right internally (:func:`knowbench.tokens.pad_batch`),
 whatever the tokenizer's padding side, with explicit position ids, so a row's token positions are the
 ones it has alone.
 """
@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from .arch import ArchAdapter
-from .tokens import pad_batch, pad_id  # noqa: F401 - pad_id: re-exported for the key readers
 
 
 class StopForward(Exception):
@@ -91,12 +90,6 @@ def subject_indices(
             idx = len(head) - 1
         out.append((ids, idx))
     return out
-
-
-# -- token rows --------------------------------------------------------------------------------
-def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device: Any = "cpu"):
-    """input_ids, attention_mask, position_ids of right-padded rows (positions as each row alone)."""
-    return pad_batch(seqs, pad_id, "right", device)[:3]
 
 
 def _first(out: Any) -> torch.Tensor:

@@ -38,8 +38,6 @@ from .schema import KNOWEDIT_COLUMNS as COLUMNS
 from .schema import KNOWEDIT_METRICS, KNOWEDIT_TASK_ORDER, RANK_ORDER, MetricSpec, metric_family, protocol_key, protocol_label, protocol_sort
 from .validate import Report, ValidationError, validate_file
 
-LABELS = {name: spec.label for name, spec in KNOWEDIT_METRICS.items()}
-GENERATED = ("README.md", "index.html")
 RESULTS = "results"
 
 

@@ -7,7 +7,6 @@ editor; metrics on them say nothing about editing quality).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -164,11 +163,6 @@ def _tiny_builder(family: str):
 
 for _family in ("gpt2", "llama"):
     BUILTIN_MODELS[f"random-{_family}"] = _tiny_builder(_family)
-
-
-def offline_env() -> None:
-    """Keep transformers from reaching for the hub when the user has asked us not to."""
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 # built-in models of the embedded world and SmolLM2 (registers builders only; loads nothing)

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .schema import INTEGRITY_ALGORITHM, SCHEMA_VERSION  # noqa: F401  (the schema's home is knowbench.schema)
+from .schema import INTEGRITY_ALGORITHM
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

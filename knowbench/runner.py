@@ -107,10 +107,6 @@ def _requests(records: Sequence[EditRecord]) -> list[EditRequest]:
     ]
 
 
-def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
 def run(cfg: RunConfig) -> dict[str, Any]:
     """One run: load, select, set the editor up, score before, edit under the protocol (observers
     notified after every apply), score after, and return the result (a dict of the

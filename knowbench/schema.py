@@ -31,7 +31,6 @@ from typing import Annotated, Any, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = "1.1"
-READS = ("1.0", "1.1")  # the versions this knowbench validates (earlier ones are migrated)
 INTEGRITY_ALGORITHM = "sha256-canonical-json"
 
 NonEmpty = Annotated[str, Field(min_length=1)]
@@ -136,12 +135,6 @@ STANDARD_FAMILIES: dict[str, MetricFamily] = {
 }
 
 
-def metric_label(name: str) -> str:
-    """Table label of a metric name: ``edit_succ`` -> ``Edit Succ.``; unknown names as they are."""
-    spec = KNOWEDIT_METRICS.get(name)
-    return spec.label if spec is not None else name
-
-
 class MetricEntry(_Strict):
     value: float = Field(allow_inf_nan=False)
     n: Count
@@ -194,9 +187,6 @@ class ProtocolInfo(_Strict):
         """The leaderboard's heading, e.g. ``sequential T=100 (each edit right after it)``."""
         return _label(self.name, self.n_edits, self.eval_timing, self.batch_size)
 
-    def sort_key(self) -> tuple:
-        return protocol_sort(self.model_dump())
-
     @classmethod
     def from_run(cls, *, sequential: int | None = None, batch_size: int | None = None, eval_timing: str = "each",
                  n_edits: int | None = None, seed: int = 0, fluency: bool = False, curve_every: int | None = None,
@@ -233,13 +223,6 @@ def protocol_sort(protocol: Mapping[str, Any]) -> tuple:
     return ({"single": 0, "batch": 1, "sequential": 2}.get(name, 3),
             protocol.get("n_edits", 0) if name == "sequential" else 0, protocol.get("eval_timing") != "each",
             protocol.get("batch_size") or 1)
-
-
-def protocol_key_for_run(*, sequential: int | None = None, batch_size: int | None = None,
-                         eval_timing: str = "each", n_edits: int | None = None) -> str:
-    """The key run options produce (baseline cases, default output file names)."""
-    return ProtocolInfo.from_run(sequential=sequential, batch_size=batch_size, eval_timing=eval_timing,
-                                 n_edits=n_edits).key()
 
 
 # -- the blocks --------------------------------------------------------------------------------------

@@ -40,9 +40,9 @@ from torch import nn
 from . import __version__
 from .arch import ArchAdapter, cache_kwargs, returned_cache
 from .editor import StatsOptions
-from .keys import StopForward, pad_right
+from .keys import StopForward
 from .linalg import jittered_cholesky
-from .tokens import pad_id
+from .tokens import pad_batch, pad_id
 
 log = logging.getLogger(__name__)
 
@@ -634,7 +634,7 @@ def _compute(
                 width = len(enc[order[i]])
                 n = max(1, batch_tokens // max(width, 1))
                 idx = order[i : i + n]
-                ids, mask, pos = pad_right([enc[j] for j in idx], pad_id(tok), device)
+                ids, mask, pos, _ = pad_batch([enc[j] for j in idx], pad_id(tok), "right", device)
                 mask_holder["m"] = mask.bool()
                 try:
                     model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)

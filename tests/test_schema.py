@@ -21,7 +21,6 @@ from knowbench.schema import (
     Result,
     migrate,
     protocol_key,
-    protocol_key_for_run,
 )
 from knowbench.validate import validate, validate_file
 
@@ -75,7 +74,6 @@ def test_cli_prints_the_json_schema(capsys):
 ])
 def test_protocol_keys_from_run_options(options, key):
     assert ProtocolInfo.from_run(**options).key() == key
-    assert protocol_key_for_run(**options) == key
     assert protocol_of_run(options) == key  # the pytest plugin's baseline cases use the same key
 
 

@@ -11,7 +11,8 @@ from knowbench import stats as kstats
 from knowbench.arch import ArchAdapter
 from knowbench.editor import StatsOptions
 from knowbench.editors.contexts import sample_prefixes
-from knowbench.keys import record, pad_right, pad_id, subject_index, subject_indices
+from knowbench.keys import record, subject_index, subject_indices
+from knowbench.tokens import pad_batch, pad_id
 from knowbench.stats import Corpus, StatsUnavailable, load_text_files, resolve_corpus, second_moments
 
 from kb_locate import corpus_keys, rewrite_io, toy_corpus
@@ -154,7 +155,7 @@ def test_recorded_keys_do_not_depend_on_padding(tiny):
     texts = ["The capital of Zorbia is", "Mirvo works as a painter in the north", "Oskel"]
     subj = ["Zorbia", "Mirvo", "Oskel"]
     located = subject_indices(tok, texts, subj)
-    ids, mask, pos = pad_right([ids for ids, _ in located], pad_id(tok))
+    ids, mask, pos, _ = pad_batch([ids for ids, _ in located], pad_id(tok))
     rows = torch.arange(3)
     cols = torch.tensor([i for _, i in located])
     rec = record(model, adapter, ids, mask, pos, positions=(rows, cols), key_layers=[1], stop_after=1)
@@ -170,7 +171,7 @@ def test_replay_above_a_block_equals_the_full_forward_with_the_edit(tiny):
     adapter = ArchAdapter(model)
     texts = ["The capital of Zorbia is", "Mirvo works as a"]
     located = subject_indices(tok, texts, ["Zorbia", "Mirvo"])
-    ids, mask, pos = pad_right([i for i, _ in located], pad_id(tok))
+    ids, mask, pos, _ = pad_batch([i for i, _ in located], pad_id(tok))
     rows, cols = torch.arange(2), torch.tensor([i for _, i in located])
     layer = 1
     rec = record(model, adapter, ids, mask, pos, positions=(rows, cols), block_out_layers=[layer],
