@@ -21,6 +21,7 @@ from knowbench.schema import (
     Result,
     migrate,
     protocol_key,
+    protocol_sort,
 )
 from knowbench.validate import validate, validate_file
 
@@ -85,7 +86,7 @@ def test_protocol_key_and_label_of_a_result_block():
     single = ProtocolInfo.from_run(n_edits=200)
     assert (single.name, single.n_edits, single.key(), single.label()) == ("single", 200, "single", "single")
     assert ProtocolInfo.from_run(batch_size=16).label() == "batch B=16"
-    assert sorted([p, single], key=lambda x: x.sort_key()) == [single, p]
+    assert sorted([p, single], key=lambda x: protocol_sort(x.model_dump())) == [single, p]
 
 
 def test_migrate_1_0():
