@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from knowbench.editor import ChangeKind, EditOutcome, EditRequest, RunContext, Site, WeightEditor
-from knowbench.scoring import target_spans
+from knowbench.scoring import _fit, _max_positions, target_spans
 from knowbench.tokens import pad_batch, pad_id
 
 from .hparams_yaml import find_hparams_file
@@ -64,8 +64,15 @@ class _FineTune(WeightEditor):
         return [Site(self.layer, self.adapter.rewrite_name(self.layer), self.param_name, second_moment=None)]
 
     def _batch(self, requests: list[EditRequest]):
-        """Token ids of prompt + target, with labels only where the loss reads them."""
+        """Token ids of prompt + target, with labels only where the loss reads them. A prompt too
+        long for the model's context loses tokens at its start (as scoring does); a target that
+        cannot fit is a ValueError naming the record."""
         spans = target_spans(self.tok, [(r.prompt, r.target_new) for r in requests])
+        limit, bos = _max_positions(self.model), getattr(self.tok, "bos_token_id", None)
+        try:
+            spans = [_fit(ids, start, limit, r.record_index, bos) for r, (ids, start) in zip(requests, spans)]
+        except ValueError as exc:
+            raise ValueError(f"{self.name}: {exc}") from None
         # right padding keeps positions 0..n-1 without explicit position ids
         input_ids, mask, _, _ = pad_batch([ids for ids, _ in spans], pad_id(self.tok), "right")
         labels = torch.full_like(input_ids, -100)

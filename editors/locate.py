@@ -50,7 +50,7 @@ from torch import nn
 from knowbench.arch import cache_kwargs, returned_cache
 from knowbench.editor import ChangeKind, EditRequest, RunContext, Site, WeightEditor
 from knowbench.keys import Recording, lm_logits, record, subject_indices
-from knowbench.scoring import join_prompt_target, target_spans
+from knowbench.scoring import _max_positions, join_prompt_target, target_spans
 from knowbench.stats import SecondMoment, key_statistics
 from knowbench.tokens import pad_batch, pad_id
 
@@ -116,9 +116,33 @@ class EditBatch:
         return torch.arange(self.n_edits) * self.n_ctx
 
 
-def build_batch(tok: Any, requests: Sequence[EditRequest], contexts: ContextSet, fact_token: str, device: Any) -> EditBatch:
+def _fit_row(ids: list[int], lookup: int, first_target: int, max_len: int | None, tok: Any,
+             record_index: int) -> tuple[list[int], int]:
+    """``ids`` cut to ``max_len`` tokens by dropping tokens at its left end (after a leading BOS),
+    so a context prefix goes first; the lookup token, a token before the target and the target stay
+    (else a ValueError naming the record). Returns the row and how many tokens were dropped; a row
+    that fits comes back unchanged."""
+    if max_len is None or len(ids) <= max_len:
+        return ids, 0
+    cut = len(ids) - max_len
+    head = 1 if ids and ids[0] in getattr(tok, "all_special_ids", ()) and ids[0] == getattr(tok, "bos_token_id", None) else 0
+    if head + cut > min(lookup, first_target - 1):
+        raise ValueError(
+            f"record {record_index}: {len(ids)} tokens do not fit the model's context of {max_len} "
+            f"without losing the subject or the target"
+        )
+    log.debug("record %d: %d context tokens dropped to fit %d positions", record_index, cut, max_len)
+    return ids[:head] + ids[head + cut:], cut
+
+
+def build_batch(tok: Any, requests: Sequence[EditRequest], contexts: ContextSet, fact_token: str, device: Any,
+                max_len: int | None = None) -> EditBatch:
     """The rows every key and target is read from: each request in each context (the target's
-    tokens fed but the last), then its KL row "{s} is a", left-aligned on the lookup token."""
+    tokens fed but the last), then its KL row "{s} is a", left-aligned on the lookup token.
+
+    ``max_len`` (the model's context): a row longer than it loses tokens from its left end (its
+    context prefix first, never the subject's last token or the target); rows that fit are as
+    they were."""
     seqs, subj_cols, row_edit = [], [], []
     tgt_rows, tgt_cols, tgt_labels, tgt_weight, tgt_edit = [], [], [], [], []
     n, c = len(requests), len(contexts)
@@ -138,6 +162,9 @@ def build_batch(tok: Any, requests: Sequence[EditRequest], contexts: ContextSet,
                 raise ValueError(
                     f"record {req.record_index}: the subject {req.subject!r} ends inside the target"
                 )
+            # the row feeds every token but the last: len(ids) - 1 positions
+            ids, cut = _fit_row(list(ids), subj, start, None if max_len is None else max_len + 1, tok, req.record_index)
+            subj, start = subj - cut, start - cut
             r = len(seqs)
             seqs.append(ids[:-1])  # the last target token is predicted, never fed
             subj_cols.append(subj)
@@ -157,8 +184,9 @@ def build_batch(tok: Any, requests: Sequence[EditRequest], contexts: ContextSet,
         ends = len(ids)
         while ends > 1 and ids[ends - 1] in getattr(tok, "all_special_ids", ()):
             ends -= 1
-        seqs.append(ids[:ends])
-        subj_cols.append(subj)
+        row, cut = _fit_row(list(ids[:ends]), subj, ends, max_len, tok, requests[i].record_index)
+        seqs.append(row)
+        subj_cols.append(subj - cut)
         row_edit.append(i)
     # Align every row's lookup token on one column S by padding on the left: the columns before S
     # are then the same for every δ, which lets the optimisation cache them (see UpperBlocks).
@@ -366,7 +394,7 @@ def optimise_targets(
     hp = editor.hparams
     adapter = editor.adapter
     device = next(model.parameters()).device
-    b = build_batch(editor.tok, requests, contexts, hp.fact_token, device)
+    b = build_batch(editor.tok, requests, contexts, hp.fact_token, device, max_len=_max_positions(model))
     key_layers = sorted(set(key_layers) | ({layer} if init_from == "rewrite" else set()))
     with frozen(model), torch.no_grad():
         rec = None

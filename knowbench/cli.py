@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 log = logging.getLogger("knowbench")
 
@@ -97,11 +99,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg.extra["diagnostics"] = run_options(args.diagnostics_probes, args.diagnostics_max_probes)
     stats = {"corpus": args.stats_corpus, "source": args.stats_source, "samples": args.stats_samples}
     cfg.extra["stats"] = {k: v for k, v in stats.items() if v is not None}
+    if not args.output:  # the default result folder must be writable too, before the run
+        from .preflight import check_writable
+        from .runner import RunError
+
+        try:
+            check_writable(Path("results") / "result.json", "--output")
+        except RunError as exc:
+            why = str(exc).split(": ", 1)[-1]
+            raise RunError(f"--output not given, and its default folder results/ cannot be written: {why}; "
+                           "pass --output FILE") from None
     result = run(cfg)
     records = result.pop("_records")
     result = finish(result)
     out = Path(args.output) if args.output else default_output(result)
     write_json_atomic(out, result)
+    from .runner import PROGRESS
+
+    PROGRESS.stage, PROGRESS.output = "written", str(out)
     if args.log_records:
         write_jsonl_atomic(args.log_records, records)
         log.info("per-record log: %s", args.log_records)
@@ -139,8 +154,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def _add_world(sub: argparse._SubParsersAction) -> None:
+    # every argument (--help included) goes to knowbench.world.cli, which has its own parser
     p = sub.add_parser("world", help="build or evaluate the embedded synthetic world and its model",
-                       add_help=False)
+                       add_help=False, prefix_chars="\0")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_world)
 
@@ -150,7 +166,12 @@ def cmd_world(args: argparse.Namespace) -> int:
         from .world.cli import world_main
     except ImportError as exc:
         raise SystemExit(f"knowbench world is not available in this installation: {exc}")
-    return int(world_main(args.rest) or 0)
+    try:
+        return int(world_main(args.rest) or 0)
+    except SystemExit as exc:  # its parser's --help (0) and usage errors (2)
+        if exc.code is None or isinstance(exc.code, int):
+            return int(exc.code or 0)
+        raise
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,8 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .leaderboard import add_leaderboard, add_submit
     from .schema import add_schema
     from .validate import add_validate
+    from .verify import add_verify
 
     add_validate(sub)
+    add_verify(sub)
     add_schema(sub)
     add_submit(sub)
     add_leaderboard(sub)
@@ -181,6 +204,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised where the program was so that it ends the way Ctrl-C does."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.signame = signal.Signals(signum).name
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+@contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`Interrupted` while a command runs (main thread only)."""
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _raise_interrupted)
+    except ValueError:  # not the main thread: leave the handlers alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def interrupted_message(command: str | None, signame: str) -> str:
+    """What a command cut short by ``signame`` finished and what it did not."""
+    if command == "run":
+        from .runner import PROGRESS
+
+        return PROGRESS.interrupted(signame)
+    return f"interrupted ({signame})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .progress import setup_logging
 
@@ -188,10 +249,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(-1 if args.quiet else args.verbose)
     try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
+        with _signals_interrupt():
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        log.error("%s", interrupted_message(args.command, getattr(exc, "signame", "SIGINT")))
+        return 128 + int(signum)
     except (LookupError, ValueError, FileNotFoundError, OSError, RuntimeError) as exc:
         if args.verbose > 1:
             raise

@@ -323,59 +323,182 @@ def hparams_hash(hp: Any) -> str:
 
 
 def override_hparams(hp: Any, overrides: dict[str, Any], source: str = "--hparams") -> Any:
-    """A copy of ``hp`` with ``overrides`` applied; unknown keys are an error naming the valid ones."""
+    """A copy of ``hp`` with ``overrides`` applied; unknown keys are an error naming the valid ones,
+    and every value is checked against its field's type (:func:`_coerce`): a wrong type is a
+    ValueError naming ``source``, the field and the type it needs."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{source}: expected a mapping of hyper-parameter: value, got {type(overrides).__name__}")
     valid = {f.name: f for f in dataclasses.fields(hp)}
+    bad_keys = [k for k in overrides if not isinstance(k, str)]
+    if bad_keys:
+        raise ValueError(f"{source}: hyper-parameter names must be strings, got {bad_keys[0]!r}")
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
         raise ValueError(
             f"{source}: unknown hyper-parameter(s) {', '.join(unknown)} for "
             f"{type(hp).__name__}; valid: {', '.join(sorted(valid))}"
         )
-    hints = get_type_hints(type(hp))
+    try:
+        hints = get_type_hints(type(hp))
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve: its fields go unchecked
+        hints = {}
     coerced = {name: _coerce(name, hints.get(name, Any), value, source) for name, value in overrides.items()}
     return dataclasses.replace(hp, **coerced)
 
 
+class _WrongType(ValueError):
+    """A value that does not fit a declared type (``_coerce`` turns it into the message)."""
+
+
 def _coerce(name: str, kind: Any, value: Any, source: str) -> Any:
-    """YAML reads ``1e-6`` as a string and ``5`` as an int: convert to the field's declared type."""
+    """``value`` as the field's declared type ``kind``, or a ValueError naming ``source``, the field
+    and the type. YAML reads ``1e-6`` as a string and ``5`` as an int, so numbers convert (a float
+    field takes ``5`` and ``"1e-6"``; an int field takes ``"5"`` and ``5.0``, not ``5.5``); booleans
+    take true/false (or "yes"/"no"/"1"/"0" as strings); lists (``layers: [1]``, nested ones
+    included), tuples, dicts, strings, ``X | None`` and ``Literal`` are checked element by element.
+    A field without a usable annotation (``Any``) takes anything."""
+    try:
+        return _convert(kind, value)
+    except _WrongType:
+        got = "null" if value is None else f"{value!r} ({type(value).__name__})"
+        hint = f" (e.g. [{value!r}])" if get_origin(kind) in (list, tuple) and not isinstance(value, (list, tuple, dict)) \
+            and value is not None else ""
+        raise ValueError(f"{source}: {name} must be {_type_name(kind)}{hint}, got {got}") from None
+
+
+def _convert(kind: Any, value: Any) -> Any:
+    import typing
+
+    if kind is Any or kind is object or isinstance(kind, (str, typing.ForwardRef, typing.TypeVar)):
+        return value
     origin, args = get_origin(kind), get_args(kind)
     if origin is Union or type(kind).__name__ == "UnionType":
-        if value is None and type(None) in args:
-            return None
+        if value is None:
+            if type(None) in args:
+                return None
+            raise _WrongType()
         options = [a for a in args if a is not type(None)]
-        kind, origin, args = options[0], get_origin(options[0]), get_args(options[0])
-    try:
-        if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        for opt in options:  # a value already of one of the types is kept as it is
+            if isinstance(opt, type) and isinstance(value, opt) and not (isinstance(value, bool) and opt is not bool):
+                return value
+        for opt in options:
+            try:
+                return _convert(opt, value)
+            except _WrongType:
+                continue
+        raise _WrongType()
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise _WrongType()
+    if kind is type(None):
+        if value is None:
+            return None
+        raise _WrongType()
+    if value is None:
+        raise _WrongType()
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.strip().lower() in ("true", "yes", "1")
+        raise _WrongType()
+    if kind is float:
+        if isinstance(value, bool):
+            raise _WrongType()
+        if isinstance(value, (int, float)):
             return float(value)
-        if kind is int and isinstance(value, (int, str)) and not isinstance(value, bool):
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise _WrongType() from None
+        raise _WrongType()
+    if kind is int:
+        if isinstance(value, bool):
+            raise _WrongType()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
             return int(value)
-        if kind is bool and isinstance(value, str):
-            if value.lower() not in ("true", "false", "yes", "no", "1", "0"):
-                raise ValueError(value)
-            return value.lower() in ("true", "yes", "1")
-        if origin is list and args:
-            if not isinstance(value, (list, tuple)):
-                raise ValueError(value)
-            return [_coerce(name, args[0], v, source) for v in value]
-    except ValueError:
-        raise ValueError(f"{source}: {name} must be {_type_name(kind)}, got {value!r}") from None
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise _WrongType() from None
+        raise _WrongType()
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise _WrongType()
+    if kind is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+        raise _WrongType()
+    if origin in (list, tuple, set, frozenset) or kind in (list, tuple, set, frozenset):
+        container = origin or kind
+        if not isinstance(value, (list, tuple)):
+            raise _WrongType()
+        if container is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(args) != len(value):
+                raise _WrongType()
+            return tuple(_convert(a, v) for a, v in zip(args, value))
+        item = args[0] if args else Any
+        return container(_convert(item, v) for v in value)
+    if origin is dict or kind is dict:
+        if not isinstance(value, dict):
+            raise _WrongType()
+        if len(args) == 2:
+            return {_convert(args[0], k): _convert(args[1], v) for k, v in value.items()}
+        return dict(value)
+    if isinstance(kind, type) and issubclass(kind, enum.Enum):
+        try:
+            return kind(value)
+        except ValueError:
+            raise _WrongType() from None
+    if isinstance(kind, type) and not isinstance(value, kind):
+        raise _WrongType()
     return value
 
 
 def _type_name(kind: Any) -> str:
+    """``int``, ``list[int]``, ``list[str] | None``: the type as a reader would write it."""
+    origin, args = get_origin(kind), get_args(kind)
+    if origin is Union or type(kind).__name__ == "UnionType":
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in args)
+    if origin is not None and args:
+        import typing
+
+        if origin is typing.Literal:
+            return "one of " + ", ".join(repr(a) for a in args)
+        base = getattr(origin, "__name__", str(origin).replace("typing.", ""))
+        return f"{base}[{', '.join('...' if a is Ellipsis else _type_name(a) for a in args)}]"
     return getattr(kind, "__name__", None) or str(kind).replace("typing.", "")
 
 
 def load_hparams_file(path: str | Path) -> dict[str, Any]:
+    """The hyper-parameters in a YAML / JSON file: a plain mapping of name: value, or the layout of
+    the shipped ``editors/hparams/*.yaml`` (``match:`` saying which models it is for, ``hparams:``
+    the values), whose ``hparams:`` mapping is taken and ``match:`` ignored."""
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"hyper-parameter file {path} is a directory; pass a YAML/JSON file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"hyper-parameter file {path} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"hyper-parameter file {path} is not UTF-8 text ({exc})") from None
     except yaml.YAMLError as exc:
         raise ValueError(f"hyper-parameter file {path} is not valid YAML/JSON: {exc}") from exc
+    if isinstance(data, dict) and "hparams" in data and set(data) <= {"hparams", "match"}:
+        data = data["hparams"]
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"hyper-parameter file {path}: 'hparams' must hold a mapping of name: value")
     if not isinstance(data, dict):
         raise ValueError(f"hyper-parameter file {path} must hold a mapping of name: value")
     return data

@@ -2,19 +2,35 @@
 
 Layout of a leaderboard folder (``leaderboard/`` in the knowbench repository)::
 
-    results/<task>/<model>/<editor>/<protocol>_s<seed>.json   one validated result file per
-                                                              (editor, model, task, protocol, seed)
-    README.md                                                 generated Markdown tables
-    index.html                                                generated static page, sortable columns
+    results/<task>/<model>/<editor>/<protocol>_n<N>_d<data>_s<seed>.json
+                  one validated result file per run key: (editor, model, task, protocol, number of
+                  edits N, data, seed)
+    README.md     generated Markdown tables
+    index.html    generated static page, sortable columns
+    .lock         the lock ``knowbench submit`` and ``knowbench leaderboard --write`` hold while
+                  they change the folder (an empty file; never commit it)
 
 ``protocol`` in the key is ``single``, ``batch<B>`` or ``sequential<T>-<each|final>[-b<B>]``: runs
-that differ in T, timing or batch size are different experiments. Only files that validate
-(``knowbench.validate``) are read; a file outside its key's path is an error, so the tree itself
-guarantees one file per key.
+that differ in T, timing or batch size are different experiments. ``N`` is ``protocol.n_edits``
+(for a single or batch run, the ``--limit`` sample size). ``data`` identifies the data the run was
+scored on: the sha256 of its data file (of the comma-joined sha256s of its files, when a task reads
+several); the key holds the whole digest, the file name its first 8 hex digits, so that
+``sha256sum`` of the file shows where a run on it is stored. Runs on other data or another number
+of edits are other entries. Only files that validate (``knowbench.validate``) are read; a file
+outside its key's path is an error, so the tree itself guarantees one file per key
+(``knowbench leaderboard --relocate`` moves valid files to their key's path, e.g. after a change
+of layout).
 
-Tables: one per (task, protocol). A row is one (editor, model, data) with its metrics averaged
-over the seeds submitted for it; columns are KnowEdit's (Edit Succ., Portability, Locality,
-Fluency) plus Rephrase, which KnowEdit's table omits. A metric the run did not measure is an empty
+Writers take ``.lock`` (a ``filelock.FileLock``) around the whole read-modify-write: reading the
+stored entries, checking for clashes, writing result files and regenerating README.md and
+index.html. Concurrent ``knowbench submit`` calls therefore run one after another; a submit that
+cannot take the lock within its timeout changes nothing and says so. After writing, a submit
+re-reads every stored file and reports it as added only when it holds the submitted result (the
+same integrity hash).
+
+Tables: one per (task, protocol). A row is one (editor, model, data, number of edits) with its
+metrics averaged over the seeds submitted for it; columns are KnowEdit's (Edit Succ., Portability,
+Locality, Fluency) plus Rephrase, which KnowEdit's table omits. A metric the run did not measure is an empty
 cell, never 0. Rows are ranked within each (model, data) on Edit Succ., then Portability, Locality,
 Fluency (each in its better direction, as the task's metric family says); the HTML page sorts by
 any column. Metric names, labels, directions and protocol keys come from ``knowbench.schema``.
@@ -24,21 +40,26 @@ Importing this module imports no torch.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import html
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from tabulate import tabulate
 
-from .results import write_json_atomic
+from .results import _write_atomic, write_json_atomic
 from .schema import KNOWEDIT_COLUMNS as COLUMNS
 from .schema import KNOWEDIT_METRICS, KNOWEDIT_TASK_ORDER, RANK_ORDER, MetricSpec, metric_family, protocol_key, protocol_label, protocol_sort
-from .validate import Report, ValidationError, validate_file
+from .validate import Report, ValidationError, load_result, validate_file
 
 RESULTS = "results"
+LOCK = ".lock"
+LOCK_TIMEOUT = 60.0  # seconds a writer waits for another one to finish
+DATA_HASH_CHARS = 8  # hex digits of the data hash in a stored file's name
 
 
 class LeaderboardError(ValueError):
@@ -58,24 +79,68 @@ class Key:
     model: str
     task: str
     protocol: str
+    n_edits: int
+    data: str  # data_hash(): sha256 hex digest of the data the run was scored on
     seed: int
 
     def __str__(self) -> str:
-        return f"editor {self.editor}, model {self.model}, task {self.task}, protocol {self.protocol}, seed {self.seed}"
+        return (f"editor {self.editor}, model {self.model}, task {self.task}, protocol {self.protocol}, "
+                f"{self.n_edits} edits, data {self.data[:DATA_HASH_CHARS]}, seed {self.seed}")
+
+
+def data_hash(result: dict[str, Any]) -> str:
+    """The identity of the data a run was scored on: its data file's sha256, or with several files
+    the sha256 of their sha256s joined by commas (in the order the task read them)."""
+    shas = [f["sha256"] for f in result["task"]["data_files"]]
+    if len(shas) == 1:
+        return shas[0]
+    return hashlib.sha256(",".join(shas).encode()).hexdigest()
 
 
 def result_key(result: dict[str, Any]) -> Key:
-    return Key(result["editor"]["name"], result["model"]["id"], result["task"]["name"],
-               protocol_key(result["protocol"]), result["protocol"]["seed"])
+    p = result["protocol"]
+    return Key(result["editor"]["name"], result["model"]["id"], result["task"]["name"], protocol_key(p),
+               p["n_edits"], data_hash(result), p["seed"])
+
+
+def key_path(k: Key) -> Path:
+    """Where the result with key ``k`` is stored, relative to the leaderboard folder."""
+    name = f"{slug(k.protocol)}_n{k.n_edits}_d{k.data[:DATA_HASH_CHARS]}_s{k.seed}.json"
+    return Path(RESULTS, slug(k.task), slug(k.model), slug(k.editor), name)
 
 
 def relative_path(result: dict[str, Any]) -> Path:
-    k = result_key(result)
-    return Path(RESULTS, slug(k.task), slug(k.model), slug(k.editor), f"{slug(k.protocol)}_s{k.seed}.json")
+    return key_path(result_key(result))
 
 
 def default_dir() -> Path:
     return Path(os.environ.get("KNOWBENCH_LEADERBOARD", "leaderboard"))
+
+
+@contextlib.contextmanager
+def locked(root: str | Path, timeout: float = LOCK_TIMEOUT) -> Iterator[Path]:
+    """Hold ``root/.lock`` (created with ``root`` when missing) for a read-modify-write of the folder.
+
+    Raises ``LeaderboardError`` when another writer holds it for longer than ``timeout`` seconds. The
+    lock is an OS file lock (flock): a writer that dies releases it, so it never goes stale."""
+    from filelock import FileLock, Timeout
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK
+    lock = FileLock(path, timeout=timeout)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise LeaderboardError(
+            f"could not lock the leaderboard {root} within {timeout:g} s: another `knowbench submit` or "
+            f"`knowbench leaderboard --write` holds {path}. Nothing was changed; try again when it is done "
+            "(or wait longer with --lock-timeout)"
+        ) from None
+    try:
+        yield path
+    finally:
+        lock.release()
 
 
 # -- reading the tree ------------------------------------------------------------------------------
@@ -104,7 +169,8 @@ def load_entries(root: str | Path) -> list[Entry]:
         assert result is not None
         want = relative_path(result)
         if rel != want:
-            problems.append(f"{path}: holds the result for ({result_key(result)}), which belongs at {root / want}")
+            problems.append(f"{path}: holds the result for ({result_key(result)}), which belongs at {root / want} "
+                            "(`knowbench leaderboard --relocate` moves it)")
             continue
         entries.append(Entry(rel, result))
     if problems:
@@ -216,14 +282,16 @@ def _table(entries: list[Entry]) -> Table:
         protocol=protocol_key(first["protocol"]), protocol_label=protocol_label(first["protocol"]),
         columns=present, specs={c: specs[c] for c in present},
     )
-    groups: dict[tuple[str, str, str], list[Entry]] = {}
+    # a row: one (model, data, editor, number of edits); its seeds are averaged
+    groups: dict[tuple[str, str, str, int], list[Entry]] = {}
     data_info: dict[str, tuple[str, str]] = {}
     for e in entries:
         ident, label, title = _data_id(e.result)
         data_info[ident] = (label, title)
-        groups.setdefault((e.result["model"]["id"], ident, e.result["editor"]["name"]), []).append(e)
+        groups.setdefault((e.result["model"]["id"], ident, e.result["editor"]["name"],
+                           e.result["protocol"]["n_edits"]), []).append(e)
     rows_by_board: dict[tuple[str, str], list[Row]] = {}
-    for (model, ident, editor), members in groups.items():
+    for (model, ident, editor, _n), members in groups.items():
         members.sort(key=lambda e: e.result["protocol"]["seed"])
         values: dict[str, float | None] = {}
         for c in present:
@@ -252,7 +320,7 @@ def _rank_key(row: Row, lower: set[str]) -> tuple:
         v = row.values.get(c)
         # measured before unmeasured; then the better value first
         key += [v is None, 0.0 if v is None else (v if c in lower else -v)]
-    return (*key, row.editor)
+    return (*key, row.editor, int(row.n_edits.split("/")[0]))
 
 
 def _fmt(v: float | None) -> str:
@@ -399,7 +467,7 @@ def write_outputs(root: str | Path) -> list[Path]:
     for name, text in render_outputs(root).items():
         path = root / name
         if not path.exists() or path.read_text(encoding="utf-8") != text:
-            path.write_text(text, encoding="utf-8")
+            _write_atomic(path, lambda f, text=text: f.write(text))  # a reader never sees half a page
         written.append(path)
     return written
 
@@ -414,15 +482,31 @@ def stale_outputs(root: str | Path) -> list[str]:
 # -- submitting -------------------------------------------------------------------------------------
 @dataclass
 class Submitted:
-    path: Path
+    source: Path  # the file submitted
+    path: Path  # where it is stored
     replaced: bool
+    kept: bool = True  # re-read after writing: the stored file holds this result
+    problem: str = ""  # why not, when not kept
 
 
-def submit(files: Iterable[str | Path], root: str | Path, replace: bool = False) -> list[Submitted]:
+class SubmitError(LeaderboardError):
+    """Some submitted files were written but are not what is stored now; ``done`` says which were kept."""
+
+    def __init__(self, message: str, done: list[Submitted]):
+        super().__init__(message)
+        self.done = done
+
+
+def submit(files: Iterable[str | Path], root: str | Path, replace: bool = False,
+           lock_timeout: float = LOCK_TIMEOUT, verify: Any = None) -> list[Submitted]:
     """Validate ``files``, store each at its key's path under ``root``, regenerate the tables.
 
     All-or-nothing: nothing is written unless every file validates and none is a duplicate (of a
-    stored result, or of another file in the same call) — unless ``replace``."""
+    stored result, or of another file in the same call) — unless ``replace``. ``verify`` (a callable
+    taking a file's path and returning a problem string, or "" when it passes; ``knowbench submit
+    --verify`` passes ``knowbench.verify``'s check) runs on every file first. The stored entries are
+    read, checked and written while holding ``root/.lock``; afterwards every stored file is re-read,
+    and a file that does not hold the submitted result (integrity hash) raises ``SubmitError``."""
     root = Path(root)
     files = [Path(f) for f in files]
     reports: list[Report] = [validate_file(f) for f in files]
@@ -431,16 +515,33 @@ def submit(files: Iterable[str | Path], root: str | Path, replace: bool = False)
         if len(invalid) == 1 and len(files) == 1:
             raise ValidationError(invalid[0])
         raise LeaderboardError("not submitted, invalid result file(s):\n" + "\n".join(r.describe() for r in invalid))
-    existing = {e.key: e for e in load_entries(root)} if (root / RESULTS).exists() else {}
+    results = [rep.result for rep in reports]
     seen: dict[Key, Path] = {}
     problems = []
-    for f, rep in zip(files, reports):
-        result = rep.result
+    for f, result in zip(files, results):
         assert result is not None
         key = result_key(result)
         if key in seen:
             problems.append(f"{f}: same run key as {seen[key]} ({key}); submit one of them")
         seen[key] = f
+    if problems:
+        raise LeaderboardError("not submitted:\n" + "\n".join(problems))
+    if verify is not None:  # slow (it re-runs edits): before taking the lock
+        failed = [f"{f}: {why}" for f in files if (why := verify(f))]
+        if failed:
+            raise LeaderboardError("not submitted, failed verification:\n" + "\n".join(failed))
+    with locked(root, lock_timeout):
+        return _store(files, results, root, replace)  # type: ignore[arg-type]
+
+
+def _store(files: list[Path], results: list[dict[str, Any]], root: Path, replace: bool) -> list[Submitted]:
+    """The read-modify-write of ``submit``; the caller holds the lock."""
+    entries = load_entries(root) if (root / RESULTS).exists() else []
+    existing = {e.key: e for e in entries}
+    at_path = {e.path: e for e in entries}
+    problems = []
+    for f, result in zip(files, results):
+        key, rel = result_key(result), relative_path(result)
         if key in existing and not replace:
             old = existing[key].result
             same = old["integrity"]["sha256"] == result["integrity"]["sha256"]
@@ -448,17 +549,88 @@ def submit(files: Iterable[str | Path], root: str | Path, replace: bool = False)
                 f"{f}: {'this exact result is' if same else 'a result for the same run key is'} already on the "
                 f"leaderboard at {root / existing[key].path} ({key}); pass --replace to overwrite it"
             )
+        elif key not in existing and rel in at_path:  # two data hashes sharing their first 8 hex digits
+            problems.append(f"{f}: its path {root / rel} holds another run ({at_path[rel].key}); "
+                            "the two keys differ only past the data hash's first digits: rename neither, "
+                            "report it as a knowbench issue")
     if problems:
         raise LeaderboardError("not submitted:\n" + "\n".join(problems))
     done = []
-    for rep in reports:
-        result = rep.result
-        assert result is not None
+    for f, result in zip(files, results):
         dest = root / relative_path(result)
-        done.append(Submitted(dest, result_key(result) in existing))
+        done.append(Submitted(f, dest, result_key(result) in existing))
         write_json_atomic(dest, result)
     write_outputs(root)
+    for s, result in zip(done, results):  # "added" only for what is stored now
+        s.problem = _stored_problem(s.path, result)
+        s.kept = not s.problem
+    lost = [s for s in done if not s.kept]
+    if lost:
+        raise SubmitError("stored file(s) do not hold the submitted result:\n"
+                          + "\n".join(f"{s.source}: {s.problem}" for s in lost), done)
     return done
+
+
+def _drop_empty_dirs(folder: Path, top: Path) -> None:
+    """Remove ``folder`` and its parents up to (not including) ``top`` while they are empty."""
+    for d in [folder, *folder.parents]:
+        if d == top or top not in d.parents or any(d.iterdir()):
+            return
+        d.rmdir()
+
+
+def _stored_problem(path: Path, result: dict[str, Any]) -> str:
+    """Why the file at ``path`` is not ``result`` as submitted ("" when it is)."""
+    stored, report = load_result(path)
+    if report.problems:
+        return f"{path} cannot be read back: {report.problems[0]}"
+    want = result["integrity"]["sha256"]
+    got = (stored.get("integrity") or {}).get("sha256") if isinstance(stored, dict) else None
+    if got != want:
+        return (f"{path} holds a result with integrity hash {str(got)[:16]}…, not the submitted {want[:16]}… "
+                "(another writer that does not take the leaderboard's lock replaced it?)")
+    if stored != result:
+        return f"{path} differs from the submitted file although its integrity hash is the same"
+    return ""
+
+
+def relocate(root: str | Path, lock_timeout: float = LOCK_TIMEOUT) -> list[tuple[Path, Path]]:
+    """Move every valid result file under ``root/results`` that is not at its key's path there
+    (e.g. stored under an older layout), then regenerate the tables; returns (old, new) paths
+    relative to ``root``. All-or-nothing: nothing moves when a file is invalid or two files (or a
+    file and a stored one) claim the same path."""
+    root = Path(root)
+    with locked(root, lock_timeout):
+        moves: list[tuple[Path, Path]] = []
+        problems: list[str] = []
+        claimed: dict[Path, Path] = {}
+        for path in sorted((root / RESULTS).rglob("*.json")):
+            rel = path.relative_to(root)
+            report = validate_file(path)
+            if not report.ok:
+                problems.append(report.describe())
+                continue
+            want = relative_path(report.result)  # type: ignore[arg-type]
+            if want in claimed:
+                problems.append(f"{path} and {root / claimed[want]} are both the run for {root / want}")
+            claimed[want] = rel
+            if rel != want:
+                moves.append((rel, want))
+        if problems:
+            raise LeaderboardError("nothing moved:\n" + "\n".join(problems))
+        pending = list(moves)
+        while pending:  # a file whose path another one is to take moves out of the way first
+            ready = [m for m in pending if not (root / m[1]).exists()]
+            if not ready:
+                raise LeaderboardError("cannot relocate: these files would take each other's paths: "
+                                       + ", ".join(str(root / old) for old, _ in pending))
+            for old, new in ready:
+                (root / new).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(root / old, root / new)
+                _drop_empty_dirs((root / old).parent, root / RESULTS)
+            pending = [m for m in pending if m not in ready]
+        write_outputs(root)
+    return moves
 
 
 # -- command line ------------------------------------------------------------------------------------
@@ -467,28 +639,46 @@ def add_submit(sub: Any) -> None:
         "submit",
         help="validate result files and add them to the leaderboard",
         description="Validate result files, store each under <leaderboard>/results/<task>/<model>/<editor>/"
-        "<protocol>_s<seed>.json (one file per editor, model, task, protocol and seed) and regenerate "
-        "the leaderboard's README.md and index.html. Nothing is written if any file is invalid or "
-        "already on the leaderboard.",
+        "<protocol>_n<N>_d<data>_s<seed>.json (one file per editor, model, task, protocol, number of edits, "
+        "data file and seed) and regenerate the leaderboard's README.md and index.html. Nothing is written if "
+        "any file is invalid or already on the leaderboard. Concurrent submits to one folder take turns "
+        "(a lock file, <leaderboard>/.lock); a file is reported as added only when it is what is stored.",
     )
     p.add_argument("files", nargs="+", metavar="RESULT.json", help="result files written by `knowbench run`")
     p.add_argument("--leaderboard", default=None, metavar="DIR",
                    help="leaderboard folder (default: $KNOWBENCH_LEADERBOARD or ./leaderboard)")
     p.add_argument("--replace", action="store_true", help="overwrite a stored result with the same run key")
+    p.add_argument("--verify", action="store_true",
+                   help="first re-run a seeded sample of each file's records (`knowbench verify`) and refuse "
+                   "a file whose numbers do not reproduce")
+    p.add_argument("--lock-timeout", type=float, default=LOCK_TIMEOUT, metavar="S",
+                   help=f"seconds to wait for another writer of the leaderboard (default {LOCK_TIMEOUT:g})")
     p.set_defaults(func=cmd_submit)
 
 
 def cmd_submit(args: Any) -> int:
     root = Path(args.leaderboard) if args.leaderboard else default_dir()
+    check = None
+    if getattr(args, "verify", False):
+        from .verify import submit_check as check
     try:
-        done = submit(args.files, root, replace=args.replace)
+        done = submit(args.files, root, replace=args.replace, lock_timeout=args.lock_timeout, verify=check)
+    except SubmitError as exc:
+        _print_done(exc.done)
+        print(f"error: {exc}")
+        return 1
     except (ValidationError, LeaderboardError) as exc:
         print(exc)
         return 1
-    for s in done:
-        print(f"{'replaced' if s.replaced else 'added'} {s.path}")
+    _print_done(done)
     print(f"regenerated {root / 'README.md'} and {root / 'index.html'}")
     return 0
+
+
+def _print_done(done: list[Submitted]) -> None:
+    for s in done:
+        if s.kept:
+            print(f"{'replaced' if s.replaced else 'added'} {s.path}")
 
 
 def add_leaderboard(sub: Any) -> None:
@@ -507,6 +697,11 @@ def add_leaderboard(sub: Any) -> None:
     act.add_argument("--write", action="store_true", help="regenerate README.md and index.html in the folder")
     act.add_argument("--check", action="store_true",
                      help="exit 1 when README.md or index.html is stale relative to the result files")
+    act.add_argument("--relocate", action="store_true",
+                     help="move valid result files to their run key's path (e.g. stored under an older layout), "
+                     "then regenerate README.md and index.html")
+    p.add_argument("--lock-timeout", type=float, default=LOCK_TIMEOUT, metavar="S",
+                   help=f"--write / --relocate: seconds to wait for another writer (default {LOCK_TIMEOUT:g})")
     p.set_defaults(func=cmd_leaderboard)
 
 
@@ -521,8 +716,17 @@ def cmd_leaderboard(args: Any) -> int:
                 print(f"{root / name} is stale: run `knowbench leaderboard --write --leaderboard {root}`")
             return 1 if stale else 0
         if args.write:
-            for path in write_outputs(root):
+            with locked(root, args.lock_timeout):
+                written = write_outputs(root)
+            for path in written:
                 print(f"wrote {path}")
+            return 0
+        if args.relocate:
+            moves = relocate(root, args.lock_timeout)
+            for old, new in moves:
+                print(f"moved {root / old} -> {root / new}")
+            print(f"{len(moves)} file{'s' if len(moves) != 1 else ''} moved; regenerated {root / 'README.md'} "
+                  f"and {root / 'index.html'}")
             return 0
         entries = load_entries(root)
         tables = build_tables(entries, task=args.task)

@@ -72,13 +72,38 @@ def discover(group: str) -> dict[str, PluginInfo]:
 
 
 def get(group: str, name: str) -> PluginInfo:
+    """The plugin registered as ``name`` (case-insensitive; ``-`` and ``_`` alike); an unknown name is
+    a :class:`PluginError` with the closest names ("did you mean") and every available one."""
     plugins = discover(group)
-    info = plugins.get(_canonical(name))
+    info = plugins.get(_canonical(name)) if isinstance(name, str) else None
     if info is None:
         kind = group.rsplit(".", 1)[-1]
         available = ", ".join(sorted(p.name for p in plugins.values())) or "none installed"
-        raise PluginError(f"unknown {kind[:-1]} {name!r}; available {kind}: {available}")
+        hint = ""
+        close = suggest(name, plugins) if isinstance(name, str) else []
+        if close:
+            hint = " did you mean " + " or ".join(repr(c) for c in close) + "?"
+        raise PluginError(f"unknown {kind[:-1]} {name!r};{hint} available {kind}: {available}")
     return info
+
+
+def suggest(name: str, plugins: dict[str, PluginInfo], n: int = 3) -> list[str]:
+    """Up to ``n`` registered names closest to ``name`` (difflib), each plugin once, best first."""
+    import difflib
+
+    key = _canonical(name)
+    close = difflib.get_close_matches(key, list(plugins), n=n * 2, cutoff=0.6)
+    if not close:  # a prefix (``alpha`` for ``alphaedit``) is close enough too
+        close = [k for k in plugins if key and k.startswith(key)]
+    out: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for k in close:
+        info = plugins[k]
+        if (info.dist, info.value) in seen:
+            continue
+        seen.add((info.dist, info.value))
+        out.append(info.name)
+    return out[:n]
 
 
 def load(group: str, name: str) -> Any:

@@ -13,6 +13,7 @@ It names no editor and no task: everything specific lives behind the plugins' ho
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -23,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import __version__, protocols, registry
+from . import __version__
 from .editor import (
     Editor,
     EditRequest,
@@ -40,37 +41,45 @@ from .progress import progress_bar
 from .records import EditRecord, LoadReport
 from .results import environment, git_commit, peak_memory_mb, seal, sha256_file
 from .schema import SCHEMA_VERSION, ResultBody, protocol_key
+from .fitting import drop_failed, fit_context, fitting_probes
+from .preflight import preflight
+from .runconfig import RunConfig, RunError
 
 log = logging.getLogger("knowbench")
 
+__all__ = ["RunConfig", "RunError", "run", "finish", "default_output", "preflight"]
 
+
+# -- what the run has done so far (read by the command line when the run is interrupted) ---------
 @dataclass
-class RunConfig:
-    editor: str
-    task: str
-    model: str | None = None
-    data: str | None = None
-    limit: int | None = None
-    sequential: int | None = None
-    eval_timing: str = "each"
-    batch_size: int | None = None  # edits per update; None: one
-    seed: int = 0
-    output: str | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
-    hparams: str | None = None
-    eval_batch_size: int = 32
-    fluency: bool = True
-    curve_every: int | None = None
-    curve_probes: int = 50
-    log_records: str | None = None
-    diagnostics: bool = True
-    train_data: str | None = None  # a trainable editor's training split (default: beside --data)
-    extra: dict[str, Any] = field(default_factory=dict)
+class RunProgress:
+    stage: str = "idle"  # starting, loading the model, ..., editing, evaluating the edits, finished, written
+    edits_done: int = 0
+    edits_total: int | None = None
+    output: str | None = None  # where the result was written (stage "written")
+
+    def reset(self) -> None:
+        self.stage, self.edits_done, self.edits_total, self.output = "starting", 0, None, None
+
+    def interrupted(self, signame: str = "SIGINT") -> str:
+        """What a run cut short by ``signame`` finished and what it did not."""
+        nothing = "nothing was written: the result file is written only at the end"
+        total = self.edits_total
+        if self.stage == "written":
+            return f"interrupted ({signame}) after the result was written to {self.output}"
+        if self.stage == "finished":
+            return f"interrupted ({signame}) after all {total} edits were evaluated, before the result was written; {nothing}"
+        if self.stage == "evaluating the edits":
+            return f"interrupted ({signame}) after all {total} edits, while evaluating them on the final model; {nothing}"
+        if self.stage == "editing":
+            return f"interrupted ({signame}) after {self.edits_done} of {total} edits; {nothing}"
+        before = f"before the first of {total} edits" if total else "before any edit"
+        if self.stage in ("idle", "starting"):
+            return f"interrupted ({signame}) {before}; {nothing}"
+        return f"interrupted ({signame}) while {self.stage}, {before}; {nothing}"
 
 
-class RunError(ValueError):
-    pass
+PROGRESS = RunProgress()
 
 
 def select(report: LoadReport, n: int | None, seed: int) -> tuple[list[EditRecord], dict[str, Any]]:
@@ -93,6 +102,18 @@ def select(report: LoadReport, n: int | None, seed: int) -> tuple[list[EditRecor
     }
 
 
+def select_given(report: LoadReport, indices: list[int], seed: int) -> tuple[list[EditRecord], dict[str, Any]]:
+    """The records at the given file indices, in the order given; an index that is not a usable
+    record is a RunError."""
+    by_index = {r.index: r for r in report.records}
+    missing = [i for i in indices if i not in by_index]
+    if missing:
+        raise RunError(f"records {missing[:10]} are not usable records of {', '.join(p.name for p in report.files)}")
+    chosen = [by_index[i] for i in indices]
+    return chosen, {"method": "given", "seed": seed, "n_available": len(report.records),
+                    "n_selected": len(chosen), "indices": list(indices)}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -108,27 +129,32 @@ def _requests(records: Sequence[EditRecord]) -> list[EditRequest]:
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
-    """One run: load, select, set the editor up, score before, edit under the protocol (observers
-    notified after every apply), score after, and return the result (a dict of the
+    """One run: check the options (:func:`preflight`), load, select, check the records against the
+    model's context, set the editor up, score before, edit under the protocol (observers notified
+    after every apply), score after, and return the result (a dict of the
     ``knowbench.schema.Result`` shape, validated, not yet sealed; ``_records`` holds the per-record log)."""
     t_start = time.perf_counter()
-    try:
-        protocol = protocols.from_options(
-            sequential=cfg.sequential, batch_size=cfg.batch_size, eval_timing=cfg.eval_timing,
-            curve_every=cfg.curve_every, curve_probes=cfg.curve_probes,
-        )
-    except ValueError as exc:
-        raise RunError(str(exc)) from None
+    PROGRESS.reset()
+    pf = preflight(cfg)
+    if cfg.editor != pf.editor_info.name:  # --editor ROME runs (and is recorded) as rome
+        cfg = dataclasses.replace(cfg, editor=pf.editor_info.name)
+    protocol, task_info, task, editor_info, editor_cls = pf.protocol, pf.task_info, pf.task, pf.editor_info, pf.editor_cls
     seed_everything(cfg.seed)
-    task_info, task = registry.load_task(cfg.task)
-    editor_info, editor_cls = registry.load_editor(cfg.editor)
-    if protocol.batch_size > 1 and not editor_cls.supports_batch:
-        raise RunError(f"editor {editor_info.name} edits one fact at a time; drop --batch-size")
+    PROGRESS.stage = "reading the records"
     report, records, selection = _select_records(cfg, task, protocol)
+    PROGRESS.edits_total = len(records)
 
+    PROGRESS.stage = "loading the model"
     t0 = time.perf_counter()
     lm, model_name = _load_model(cfg)
     load_s = time.perf_counter() - t0
+    PROGRESS.stage = "checking the records against the model's context"
+    eval_cfg = EvalConfig(batch_size=cfg.eval_batch_size, fluency=cfg.fluency, seed=cfg.seed)
+    family_cls = task.family_class()
+    n_asked = len(records)
+    records = fit_context(records, report, selection, lm, model_name, family_cls, eval_cfg, protocol, n_asked)
+    PROGRESS.edits_total = len(records)
+    PROGRESS.stage = "preparing the editor"
     editor, hp = _build_editor(cfg, editor_cls, lm, model_name, task, report)
     t0 = time.perf_counter()
     editor.setup()  # one-off set-up (key statistics, an index) is not edit time
@@ -136,7 +162,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     prepare_s = time.perf_counter() - t0
 
     # -- unedited reference and pre-edit metrics ------------------------------------------------
-    family = task.family_class()(report.shared, EvalConfig(batch_size=cfg.eval_batch_size, fluency=cfg.fluency, seed=cfg.seed))
+    PROGRESS.stage = "evaluating the unedited model"
+    family = family_cls(report.shared, eval_cfg)
     evaluator = Evaluator(lm.model, lm.tokenizer, family, family.cfg)
     family.prepare(records)
     t0 = time.perf_counter()
@@ -147,9 +174,15 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     observer = None
     if cfg.diagnostics:
-        observer = observer_for(editor, evaluator, records, family.probes(records), accumulating=protocol.accumulates,
+        probes = fitting_probes(family.probes(records), lm, model_name)
+        observer = observer_for(editor, evaluator, records, probes, accumulating=protocol.accumulates,
                                 seed=cfg.seed, options=cfg.extra.get("diagnostics"))
+    PROGRESS.stage = "editing"
     loop = _edit(cfg, protocol, editor, evaluator, records, ref, observer)
+    if loop.failed:
+        records, pre_scores = drop_failed(loop.failed, records, pre_scores, report, selection, protocol,
+                                           editor_info.name, n_asked)
+    PROGRESS.stage = "finished"
 
     post = [loop.post[r.index] for r in records]
     result: dict[str, Any] = {
@@ -212,6 +245,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     }
     if result["diagnostics"] is None:
         del result["diagnostics"]
+    result["records"] = [{"index": r.index, "pre": p.values, "post": q.values}
+                         for r, p, q in zip(records, pre_scores, post)]
     ResultBody.model_validate(result)  # the one result model (sealed later): a runner that drifts from it fails here
     result["_records"] = _record_log(records, pre_scores, post)  # popped by the caller
     return result
@@ -228,7 +263,13 @@ def _select_records(cfg: RunConfig, task: Any, protocol: Any) -> tuple[LoadRepor
         raise RunError(
             f"{data_path} has {len(report.records)} usable records, fewer than the {n_wanted} asked for"
         )
-    records, selection = select(report, n_wanted, cfg.seed)
+    given = cfg.extra.get("indices")
+    if given is not None:  # exactly these records, in this order (knowbench verify)
+        records, selection = select_given(report, list(given), cfg.seed)
+        if cfg.sequential and cfg.sequential != len(records):
+            raise RunError(f"--sequential {cfg.sequential} but {len(records)} records were given")
+    else:
+        records, selection = select(report, n_wanted, cfg.seed)
     if not records:
         raise RunError(f"{data_path}: no usable records to edit")
     return report, records, selection
@@ -281,6 +322,7 @@ class _Loop:
     probes: list[EditRecord] = field(default_factory=list)
     edit_s: float = 0.0
     eval_s: float = 0.0
+    failed: dict[int, str] = field(default_factory=dict)  # record index -> why the editor refused it
 
 
 def _edit(cfg: RunConfig, protocol: Any, editor: Editor, evaluator: Evaluator, records: list[EditRecord],
@@ -295,10 +337,13 @@ def _edit(cfg: RunConfig, protocol: Any, editor: Editor, evaluator: Evaluator, r
     with progress_bar(f"{cfg.editor} · {protocol.name}", total=len(records)) as advance:
         done = 0
         edited: set[int] = set()
-        for chunk in protocol.chunks(records):
+        for given in protocol.chunks(records):
             t0 = time.perf_counter()
-            outcome = editor.apply(_requests(chunk))
+            chunk, outcome = _apply(editor, given, protocol, loop.failed)
             dt = time.perf_counter() - t0
+            if outcome is None:  # the editor refused every record of this apply
+                advance(len(given))
+                continue
             loop.edit_s += dt
             if observer is not None:
                 observer.after_apply(chunk, outcome, dt)
@@ -319,16 +364,53 @@ def _edit(cfg: RunConfig, protocol: Any, editor: Editor, evaluator: Evaluator, r
                 loop.curve.append(_curve_point(evaluator, loop.probes, edited, ref, editor, done))
                 while next_curve <= done:
                     next_curve += protocol.curve_every
-            advance(len(chunk))
+            PROGRESS.edits_done = done
+            advance(len(given))
         if loop.probes and loop.curve[-1]["edits"] != done:
             loop.curve.append(_curve_point(evaluator, loop.probes, edited, ref, editor, done))
     if not protocol.score_after_apply:
+        PROGRESS.stage = "evaluating the edits"
         t0 = time.perf_counter()
-        log.info("evaluating all %d edits on the final model", len(records))
-        for s in evaluator.evaluate(records, ref, editor.rewrite_prompts):
+        edited_records = [r for r in records if r.index not in loop.failed]
+        log.info("evaluating all %d edits on the final model", len(edited_records))
+        for s in evaluator.evaluate(edited_records, ref, editor.rewrite_prompts):
             loop.post[s.index] = s
         loop.eval_s += time.perf_counter() - t0
     return loop
+
+
+def _apply(editor: Editor, chunk: Sequence[EditRecord], protocol: Any, failed: dict[int, str]) -> tuple[Sequence[EditRecord], Any]:
+    """``editor.apply`` on ``chunk``; a record the editor refuses (a ValueError: no subject, a subject
+    it cannot find, a target it cannot fit, ...) goes into ``failed`` instead of ending the run.
+    An apply of several records that fails on a protocol that restores is retried record by record
+    to find the one(s) at fault, then applied again without them; a failed update of a sequential
+    run loses its records. Returns the records applied and the outcome (None: none was)."""
+    try:
+        return chunk, editor.apply(_requests(chunk))
+    except ValueError as exc:
+        error = exc
+    if len(chunk) == 1 or protocol.accumulates:
+        if not protocol.accumulates:
+            editor.restore()
+        note = "" if len(chunk) == 1 else f" (in an update of {len(chunk)} edits)"
+        for r in chunk:
+            failed[r.index] = f"{error}{note}"
+            log.warning("record %d: %s could not edit it: %s%s", r.index, editor.name, error, note)
+        return [], None
+    editor.restore()
+    good = []
+    for r in chunk:
+        try:
+            editor.apply(_requests([r]))
+            good.append(r)
+        except ValueError as exc:
+            failed[r.index] = str(exc)
+            log.warning("record %d: %s could not edit it: %s", r.index, editor.name, exc)
+        finally:
+            editor.restore()
+    if not good:
+        return [], None
+    return _apply(editor, good, protocol, failed)
 
 
 def finish(result: dict[str, Any]) -> dict[str, Any]:

@@ -320,6 +320,15 @@ class Diagnostics(_Open):
     summary: dict[str, Any] = Field(default_factory=dict)
 
 
+class RecordValues(_Strict):
+    """One record's scores as fractions (before aggregation): ``metric: value`` or, for sub-keyed
+    metrics, ``metric: {sub-key: [item values]}`` (what ``knowbench verify`` recomputes)."""
+
+    index: Count  # the record's position in the task file
+    pre: dict[str, Any]
+    post: dict[str, Any]
+
+
 class ResultBody(_Strict):
     """A result before it is sealed: everything the integrity hash covers (what a runner validates
     before ``knowbench.results.seal`` adds the ``integrity`` block)."""
@@ -337,6 +346,7 @@ class ResultBody(_Strict):
     environment: Environment
     config: dict[str, Any]  # the run configuration as given
     diagnostics: Diagnostics | None = None  # absent when the run had diagnostics off
+    records: list[RecordValues] | None = None  # 1.1: per-record scores, in selection order
 
     @property
     def family(self) -> MetricFamily:

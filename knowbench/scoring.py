@@ -75,6 +75,17 @@ class TeacherForced:
 
 
 # -- tokenization ------------------------------------------------------------------------------
+def readable(text: str) -> str:
+    """``text`` as tokenizers can read it: a lone surrogate (half of a UTF-16 pair, e.g. from an
+    emoji cut in two in a JSON file) becomes U+FFFD, one character for one, so character offsets
+    hold. Any other text comes back as it is."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def join_prompt_target(prompt: str, target: str) -> tuple[str, int]:
     """The scored text and the character index where the prompt ends.
 
@@ -109,7 +120,7 @@ def target_spans(
     if not pairs:
         return []
     joined = [join_prompt_target(p, t) for p, t in pairs]
-    texts = [text for text, _ in joined]
+    texts = [readable(text) for text, _ in joined]
     use_offsets = bool(getattr(tok, "is_fast", False))
     enc = tok(
         texts,
@@ -119,7 +130,7 @@ def target_spans(
     )
     prompt_ids = None
     if not use_offsets:
-        prompt_ids = tok([p for p, _ in pairs], add_special_tokens=True)["input_ids"]
+        prompt_ids = tok([readable(p) for p, _ in pairs], add_special_tokens=True)["input_ids"]
 
     spans: list[tuple[list[int], int]] = []
     for i, (prompt, target) in enumerate(pairs):
@@ -159,9 +170,17 @@ def target_spans(
 # -- batching helpers --------------------------------------------------------------------------
 @contextmanager
 def _progress(total: int, progress: bool | str, default_desc: str) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr, or a no-op when progress is False."""
+    """A rich progress bar on stderr (plain periodic log lines when stderr is not a terminal, see
+    :mod:`knowbench.progress`), or a no-op when progress is False."""
     if not progress:
         yield lambda n: None
+        return
+    from .progress import PlainProgress, _interactive
+
+    if not _interactive():
+        plain = PlainProgress(progress if isinstance(progress, str) else default_desc, total)
+        yield plain.advance
+        plain.finish()
         return
     from rich.console import Console
     from rich.progress import (
@@ -399,7 +418,7 @@ def generate_ids(
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise TypeError(f"prompt {i}: expected str, got {type(p).__name__}")
-    encoded = tok(prompts, add_special_tokens=True)["input_ids"] if prompts else []
+    encoded = tok([readable(p) for p in prompts], add_special_tokens=True)["input_ids"] if prompts else []
     for i, ids in enumerate(encoded):
         if not ids:
             raise ValueError(

@@ -81,6 +81,26 @@ def test_unknown_name_lists_available():
     assert "unknown editor 'nope'" in str(exc.value) and "ft-m" in str(exc.value)
 
 
+@pytest.mark.parametrize("group, typo, meant", [
+    (registry.EDITOR_GROUP, "rom", "rome"), (registry.EDITOR_GROUP, "memt", "memit"),
+    (registry.EDITOR_GROUP, "alpha", "alphaedit"), (registry.EDITOR_GROUP, "ftm", "ft-m"),
+    (registry.TASK_GROUP, "zsr", "zsre"), (registry.TASK_GROUP, "counterfac", "counterfact"),
+])
+def test_unknown_name_says_did_you_mean(group, typo, meant):
+    with pytest.raises(registry.PluginError) as exc:
+        registry.get(group, typo)
+    assert f"did you mean '{meant}'?" in str(exc.value) and "available" in str(exc.value)
+
+
+def test_names_are_case_insensitive():
+    assert registry.get(registry.EDITOR_GROUP, "ROME").name == "rome"
+    assert registry.get(registry.EDITOR_GROUP, "FT_M").name == "ft-m"
+    assert registry.get(registry.TASK_GROUP, "ZSRE").value == registry.get(registry.TASK_GROUP, "zsre").value
+    with pytest.raises(registry.PluginError) as exc:
+        registry.get(registry.EDITOR_GROUP, "nope")
+    assert "did you mean" not in str(exc.value)
+
+
 def test_listing_imports_no_plugin_module():
     code = textwrap.dedent("""
         import sys

@@ -109,3 +109,212 @@ def test_ls_lists_plugins_with_distribution(capsys):
     assert main(["ls"]) == 0
     out = capsys.readouterr().out
     assert "zsre" in out and "ft-m" in out and "knowbench" in out
+
+
+# -- records that do not fit the model's context -----------------------------------------------------
+def _write(tmp_path, name, rows):
+    path = tmp_path / name
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def _long(rec: dict, n_chars: int = 5000) -> dict:
+    rec = dict(rec)
+    rec["prompt"] = "blah " * (n_chars // 5) + rec["prompt"]
+    return rec
+
+
+def test_an_over_long_prompt_is_dropped_not_fatal(tmp_path):
+    """A 5,000-character prompt (beyond random-gpt2's 512 positions) drops its record, listed in the result;
+    the other records score exactly as in a run without it."""
+    from conftest import zsre_records
+
+    recs = zsre_records(3)
+    with_long = _write(tmp_path, "with.json", [recs[0], _long(recs[1]), recs[2]])
+    without = _write(tmp_path, "without.json", [recs[0], recs[2]])
+    a = _run(with_long, limit=3)
+    b = _run(without)
+    bad = a["task"]["bad_records"]
+    assert len(bad) == 1 and bad[0]["index"] == 1 and bad[0]["record_dropped"]
+    assert bad[0]["source"].endswith("with.json")
+    assert "more than the model's context of 512" in bad[0]["reason"]
+    sel = a["task"]["selection"]
+    assert sel["n_selected"] == 2 and sel["indices"] == [0, 2] and a["protocol"]["n_edits"] == 2
+    assert a["task"]["n_records_usable"] == sel["n_available"] == 2
+    assert [r["post"] for r in a["_records"]] == [r["post"] for r in b["_records"]]
+    assert [r["pre"] for r in a["_records"]] == [r["pre"] for r in b["_records"]]
+    assert a["metrics"] == b["metrics"]
+    from knowbench.validate import validate
+
+    assert validate(finish(a)).ok
+
+
+@pytest.mark.parametrize("editor", ["rome", "ft-m"])
+def test_over_long_prompt_through_the_cli_on_the_embedded_model(tmp_path, editor, capsys):
+    """The reported case: `knowbench run --editor rome|ft-m --task zsre --data FILE --limit 3` with a
+    5,000-character prompt on the embedded model (128 positions)."""
+    from knowbench.world import default_task_file
+
+    recs = json.loads(default_task_file("zsre").read_text())[:3]
+    data = _write(tmp_path, "long.json", [_long(recs[0])] + recs[1:])
+    out = tmp_path / "r.json"
+    args = ["run", "--editor", editor, "--task", "zsre", "--data", str(data), "--limit", "3", "--output", str(out),
+            "--no-fluency", "--no-diagnostics"]
+    if editor == "rome":
+        args += ["--stats-samples", "200"]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    (bad,) = result["task"]["bad_records"]
+    assert bad["index"] == 0 and "context of 128" in bad["reason"]
+    assert result["protocol"]["n_edits"] == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "long.json record 0: prompt and target_new are" in err and "fewer than the 3 selected" in err
+
+
+def test_an_over_long_answer_skips_only_its_item(tmp_path):
+    from conftest import zsre_records
+
+    recs = zsre_records(2)
+    recs[1]["locality"]["Relation_Specificity"].append({"prompt": "The rank is", "ground_truth": ["x " * 600]})
+    r = _run(_write(tmp_path, "zsre.json", recs))
+    (bad,) = r["task"]["bad_records"]
+    assert (bad["index"], bad["item"], bad["record_dropped"]) == (1, "locality.Relation_Specificity[1]", False)
+    assert "answer" in bad["reason"] and "context of 512" in bad["reason"]
+    assert r["protocol"]["n_edits"] == 2 and r["metrics"]["post"]["locality"]["n"] == 2
+
+
+def test_no_record_left_says_so(tmp_path):
+    from conftest import zsre_records
+
+    data = _write(tmp_path, "all_long.json", [_long(r) for r in zsre_records(2)])
+    with pytest.raises(RunError, match=r"all_long.json: none of the 2 selected records can be run on random-gpt2 "
+                                       r"\(context of 512 tokens\); first: .*record 0"):
+        _run(data)
+
+
+def test_an_edit_the_editor_refuses_is_listed_not_fatal(tmp_path):
+    """A record the editor cannot edit (ROME needs a subject; Sanitation records may lack one) is
+    dropped with the editor's reason; the run goes on."""
+    data = _write(tmp_path, "trivia_qa_test.json", {
+        "success": [{"question": "Who founded Zorbia?", "ground_truth": ["Quix"], "subject": "Zorbia"},
+                    {"question": "Who wrote Mirvo?", "ground_truth": ["Talen"]}],
+        "locality": [{"question": "What is the capital of Vell?", "ground_truth": ["Ost"]}],
+    })
+    from kb_locate import toy_corpus
+
+    r = run(RunConfig(editor="rome", task="sanitation", data=str(data), model="random-gpt2", fluency=False,
+                      diagnostics=False, extra={"stats": {"corpus": toy_corpus(64), "samples": 64}}))
+    (bad,) = r["task"]["bad_records"]
+    assert bad["index"] == 1 and "rome could not edit it" in bad["reason"] and "no subject" in bad["reason"]
+    assert r["protocol"]["n_edits"] == 1 and r["task"]["selection"]["indices"] == [0]
+
+
+# -- progress, interruption, file modes ----------------------------------------------------------------
+def test_plain_progress_lines_every_tenth_or_thirty_seconds():
+    from knowbench.progress import PlainProgress
+
+    now = [0.0]
+    lines: list[str] = []
+    p = PlainProgress("rome · single", 100, clock=lambda: now[0], emit=lines.append)
+    for _ in range(100):
+        now[0] += 0.5
+        p.advance(1)
+    p.finish()
+    assert len(lines) == 10  # 10 %, 20 %, ..., 90 % and the last line
+    assert lines[0].startswith("rome · single: 10/100 (10%), 2.00/s, ") and lines[0].endswith("45s left")
+    assert lines[-1] == "rome · single: 100/100 (100%), 2.00/s, done in 50s"
+    slow, lines = PlainProgress("slow", 1000, clock=lambda: now[0], emit=lines.append), []
+    slow.emit = lines.append
+    for _ in range(3):
+        now[0] += 31
+        slow.advance(1)
+    assert len(lines) == 3 and lines[0].startswith("slow: 1/1000 (0%)")  # every 30 s when 10 % takes longer
+
+
+def test_progress_bar_is_plain_lines_when_stderr_is_not_a_terminal(monkeypatch, caplog):
+    import logging
+
+    from knowbench.progress import progress_bar
+
+    monkeypatch.setenv("KNOWBENCH_PROGRESS", "plain")
+    caplog.set_level(logging.INFO, logger="knowbench.progress")
+    with progress_bar("editing", 20) as advance:
+        for _ in range(20):
+            advance(1)
+    msgs = [r.getMessage() for r in caplog.records if r.name == "knowbench.progress"]
+    assert msgs[0].startswith("editing: 2/20 (10%)") and msgs[-1].startswith("editing: 20/20 (100%)")
+
+
+def test_interrupted_message_says_what_was_finished():
+    from knowbench.runner import RunProgress
+
+    p = RunProgress(stage="editing", edits_done=412, edits_total=1000)
+    assert p.interrupted("SIGTERM") == ("interrupted (SIGTERM) after 412 of 1000 edits; nothing was written: "
+                                        "the result file is written only at the end")
+    p.stage = "evaluating the unedited model"
+    assert p.interrupted("SIGINT").startswith("interrupted (SIGINT) while evaluating the unedited model, "
+                                              "before the first of 1000 edits; nothing was written")
+
+
+def test_sigterm_ends_a_run_with_what_was_done(tmp_path):
+    """SIGTERM to a running `knowbench run` (stderr a pipe, so progress comes as plain lines): exit 143
+    and one message saying how many edits were done and that nothing was written."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import zsre_records
+
+    data = _write(tmp_path, "many.json", zsre_records(400))
+    out = tmp_path / "r.json"
+    env = {**os.environ, "KNOWBENCH_PROGRESS": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "300"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "knowbench", "run", "--editor", "ft-m", "--task", "zsre", "--model", "random-gpt2",
+         "--data", str(data), "--no-fluency", "--no-diagnostics", "--output", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    seen = []
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            seen.append(line)
+            if "ft-m · single: " in line and "/400" in line:  # a plain progress line: editing is under way
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = " ".join(("".join(seen) + rest).split())
+    assert proc.returncode == 143, err[-2000:]
+    assert "interrupted (SIGTERM) after " in err and " of 400 edits; nothing was written: the result file is " \
+        "written only at the end" in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_result_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    from knowbench.results import write_json_atomic, write_jsonl_atomic
+
+    old = os.umask(0o022)
+    try:
+        a = write_json_atomic(tmp_path / "a.json", {"x": 1})
+        b = write_jsonl_atomic(tmp_path / "b.jsonl", [{"x": 1}])
+        assert stat.S_IMODE(a.stat().st_mode) == 0o644 and stat.S_IMODE(b.stat().st_mode) == 0o644
+        os.umask(0o077)
+        c = write_json_atomic(tmp_path / "c.json", {"x": 1})
+        assert stat.S_IMODE(c.stat().st_mode) == 0o600
+        os.umask(0o002)
+        d = write_json_atomic(tmp_path / "sub" / "d.json", {"x": 1})
+        assert stat.S_IMODE(d.stat().st_mode) == 0o664
+    finally:
+        os.umask(old)
+    assert not [p for p in tmp_path.rglob("*.tmp")]

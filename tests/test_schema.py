@@ -50,8 +50,8 @@ def test_cli_prints_the_json_schema(capsys):
     schema = json.loads(capsys.readouterr().out)
     assert schema["$schema"].startswith("https://json-schema.org/")
     assert schema["type"] == "object" and schema["additionalProperties"] is False
-    assert schema["required"] == BLOCKS  # diagnostics is optional
-    assert set(BLOCKS) | {"diagnostics"} == set(schema["properties"])
+    assert schema["required"] == BLOCKS  # diagnostics and records are optional
+    assert set(BLOCKS) | {"diagnostics", "records"} == set(schema["properties"])
     for ref in _refs(schema):  # every reference resolves inside the document
         assert ref.startswith("#/$defs/") and ref.split("/")[-1] in schema["$defs"]
     defs = schema["$defs"]
@@ -125,7 +125,9 @@ def test_every_leaderboard_file_validates(path):
     rep = validate_file(path)
     assert rep.ok, rep.describe()
     assert isinstance(rep.model, Result)
-    assert path.name.startswith(rep.model.protocol.key() + "_s")
+    from knowbench.leaderboard import relative_path
+
+    assert path.as_posix().endswith(relative_path(rep.result).as_posix())
 
 
 def test_unknown_metric_for_the_family_is_reported():

@@ -14,8 +14,8 @@ from knowbench.cli import main
 from knowbench.validate import ValidationError, check_file, validate, validate_file
 
 
-LEADERBOARD_FILE = (Path(__file__).resolve().parents[1] / "leaderboard" / "results" / "zsre" / "embedded" / "rome"
-                    / "single_s0.json")
+LEADERBOARD_FILE = next((Path(__file__).resolve().parents[1] / "leaderboard" / "results" / "zsre" / "embedded"
+                         / "rome").glob("single_*.json"))
 
 
 def errors(result) -> list[str]:

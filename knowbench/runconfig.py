@@ -1,0 +1,36 @@
+"""A run's options (what ``knowbench run`` takes) and the error a run that cannot go on raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RunConfig:
+    editor: str
+    task: str
+    model: str | None = None
+    data: str | None = None
+    limit: int | None = None
+    sequential: int | None = None
+    eval_timing: str = "each"
+    batch_size: int | None = None  # edits per update; None: one
+    seed: int = 0
+    output: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    hparams: str | None = None
+    eval_batch_size: int = 32
+    fluency: bool = True
+    curve_every: int | None = None
+    curve_probes: int = 50
+    log_records: str | None = None
+    diagnostics: bool = True
+    train_data: str | None = None  # a trainable editor's training split (default: beside --data)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RunError(ValueError):
+    """A run that cannot go on; the message names the option (``--limit``, ``--device``, ...) or
+    the data at fault."""
