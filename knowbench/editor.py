@@ -346,119 +346,20 @@ def override_hparams(hp: Any, overrides: dict[str, Any], source: str = "--hparam
     return dataclasses.replace(hp, **coerced)
 
 
-class _WrongType(ValueError):
-    """A value that does not fit a declared type (``_coerce`` turns it into the message)."""
-
-
 def _coerce(name: str, kind: Any, value: Any, source: str) -> Any:
-    """``value`` as the field's declared type ``kind``, or a ValueError naming ``source``, the field
-    and the type. YAML reads ``1e-6`` as a string and ``5`` as an int, so numbers convert (a float
-    field takes ``5`` and ``"1e-6"``; an int field takes ``"5"`` and ``5.0``, not ``5.5``); booleans
-    take true/false (or "yes"/"no"/"1"/"0" as strings); lists (``layers: [1]``, nested ones
-    included), tuples, dicts, strings, ``X | None`` and ``Literal`` are checked element by element.
-    A field without a usable annotation (``Any``) takes anything."""
+    """``value`` as the field's declared type ``kind`` (pydantic's lax conversion: YAML reads
+    ``1e-6`` as a string and ``5`` as an int, so a float field takes both; an int field takes
+    ``"5"`` and ``5.0``, not ``5.5``; lists, nested ones, ``X | None`` and ``Literal`` are checked
+    element by element), or a ValueError naming ``source``, the field and the type it needs."""
+    from pydantic import TypeAdapter, ValidationError
+
     try:
-        return _convert(kind, value)
-    except _WrongType:
+        return TypeAdapter(kind).validate_python(value)
+    except ValidationError:
         got = "null" if value is None else f"{value!r} ({type(value).__name__})"
         hint = f" (e.g. [{value!r}])" if get_origin(kind) in (list, tuple) and not isinstance(value, (list, tuple, dict)) \
             and value is not None else ""
         raise ValueError(f"{source}: {name} must be {_type_name(kind)}{hint}, got {got}") from None
-
-
-def _convert(kind: Any, value: Any) -> Any:
-    import typing
-
-    if kind is Any or kind is object or isinstance(kind, (str, typing.ForwardRef, typing.TypeVar)):
-        return value
-    origin, args = get_origin(kind), get_args(kind)
-    if origin is Union or type(kind).__name__ == "UnionType":
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _WrongType()
-        options = [a for a in args if a is not type(None)]
-        for opt in options:  # a value already of one of the types is kept as it is
-            if isinstance(opt, type) and isinstance(value, opt) and not (isinstance(value, bool) and opt is not bool):
-                return value
-        for opt in options:
-            try:
-                return _convert(opt, value)
-            except _WrongType:
-                continue
-        raise _WrongType()
-    if origin is typing.Literal:
-        if value in args:
-            return value
-        raise _WrongType()
-    if kind is type(None):
-        if value is None:
-            return None
-        raise _WrongType()
-    if value is None:
-        raise _WrongType()
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.strip().lower() in ("true", "yes", "1")
-        raise _WrongType()
-    if kind is float:
-        if isinstance(value, bool):
-            raise _WrongType()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise _WrongType() from None
-        raise _WrongType()
-    if kind is int:
-        if isinstance(value, bool):
-            raise _WrongType()
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                raise _WrongType() from None
-        raise _WrongType()
-    if kind is str:
-        if isinstance(value, str):
-            return value
-        raise _WrongType()
-    if kind is Path:
-        if isinstance(value, (str, Path)):
-            return Path(value)
-        raise _WrongType()
-    if origin in (list, tuple, set, frozenset) or kind in (list, tuple, set, frozenset):
-        container = origin or kind
-        if not isinstance(value, (list, tuple)):
-            raise _WrongType()
-        if container is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(args) != len(value):
-                raise _WrongType()
-            return tuple(_convert(a, v) for a, v in zip(args, value))
-        item = args[0] if args else Any
-        return container(_convert(item, v) for v in value)
-    if origin is dict or kind is dict:
-        if not isinstance(value, dict):
-            raise _WrongType()
-        if len(args) == 2:
-            return {_convert(args[0], k): _convert(args[1], v) for k, v in value.items()}
-        return dict(value)
-    if isinstance(kind, type) and issubclass(kind, enum.Enum):
-        try:
-            return kind(value)
-        except ValueError:
-            raise _WrongType() from None
-    if isinstance(kind, type) and not isinstance(value, kind):
-        raise _WrongType()
-    return value
 
 
 def _type_name(kind: Any) -> str:
