@@ -46,12 +46,6 @@ def default_model() -> str:
     return EMBEDDED_MODEL
 
 
-def is_embedded(model_name: str) -> bool:
-    """Whether ``model_name`` names the embedded world model (by its name or its folder)."""
-    name = str(model_name).replace("\\", "/").rstrip("/").lower()
-    return name == EMBEDDED_MODEL or name.endswith("knowbench/world/data/model")
-
-
 def stats_options(model_name: str, lm: "LoadedModel | None" = None) -> "StatsOptions":
     """Where the key statistics C = E[kkᵀ] come from by default: the embedded model's own training
     text for the embedded model, else nothing named (each editor's ``mom2_dataset``). The runner
@@ -66,10 +60,3 @@ def stats_options(model_name: str, lm: "LoadedModel | None" = None) -> "StatsOpt
             corpus_name=f"knowbench-world-s{world.DEFAULT_SEED}",
         )
     return StatsOptions()
-
-
-def stats_ridge(model_name: str) -> float:
-    """The ridge (× mean diag C) the superposition analysis whitens with: 0.01 for the embedded model,
-    whose MLP has units that never fire on its corpus (so C is singular; its editors' YAML use the
-    same ``mom2_ridge``), none otherwise."""
-    return 0.01 if is_embedded(model_name) else 0.0

@@ -166,9 +166,13 @@ def world_facts() -> tuple[list[Fact], FactReport]:
     return facts, FactReport(f"knowbench-world(seed {DEFAULT_SEED})", "world-facts", len(facts))
 
 
-def pick_facts(facts: list[Fact], n: int) -> list[Fact]:
-    """The first n facts in file order whose keys can differ: a causal model's key at the subject's
-    last token depends only on the text up to it, so facts sharing that text are kept once."""
+def pick_facts(facts: list[Fact], n: int, dedupe: bool = False) -> list[Fact]:
+    """The first n facts in file order, as the study takes them (repeats included: record 83 of its
+    knowledge set repeats record 21's subject, and the study analyses both). With ``dedupe``, only
+    facts whose keys can differ: a causal model's key at the subject's last token depends only on the
+    text up to it, so facts sharing that text are kept once and the next fact is taken instead."""
+    if not dedupe:
+        return facts[:n]
     seen: dict[str, int] = {}
     out = []
     for f in facts:
@@ -286,6 +290,17 @@ def layer_analysis(keys: Any, whitener: Any, facts: Sequence[Fact], top: int = 1
     return info, P
 
 
+def _whitening(moment: Any, asked: float | None) -> dict[str, Any]:
+    """How C of one layer was whitened: as it is, with the ridge asked for, or with the smallest
+    ridge that made a C that is not positive definite factorisable (absolute, added to the diagonal)."""
+    added = float(getattr(moment, "jitter", 0.0))
+    if not added:
+        return {"ridge": 0.0, "why": "none: C is positive definite"}
+    if asked:
+        return {"ridge": added, "why": f"asked: --ridge {asked} (× mean diag C)"}
+    return {"ridge": added, "why": "C is not positive definite (Cholesky failed): the smallest ridge that works"}
+
+
 @dataclass
 class StudyConfig:
     n: int = 128
@@ -295,6 +310,8 @@ class StudyConfig:
     stats_corpus: str | None = None
     stats_samples: int | None = None  # None: the editors' default (mom2_n_samples)
     stats_dtype: str | None = None  # None: the editors' default (mom2_dtype)
+    ridge: float | None = None  # C + ridge·mean(diag C)·I; None: none, except where C is not positive definite
+    dedupe: bool = False  # take the next fact instead of one whose key repeats an earlier one
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -303,7 +320,8 @@ def moments_for(model: Any, tok: Any, layers: list[int], model_name: str, lm: An
     """C of every analysed layer, computed (or loaded from the cache) with the configuration the
     locate-then-edit editors use by default — the run's corpus resolution, the reference sample
     count, dtype and max length, the same cache — so a run's editors and this analysis share one
-    cached statistic per layer. The ridge is :func:`knowbench.defaults.stats_ridge`."""
+    cached statistic per layer. C is whitened as it is unless ``cfg.ridge`` asks for a ridge; where it
+    is not positive definite the smallest ridge that makes it so is added (recorded per layer)."""
     import dataclasses
 
     from . import defaults
@@ -319,7 +337,7 @@ def moments_for(model: Any, tok: Any, layers: list[int], model_name: str, lm: An
         options = dataclasses.replace(options, samples=cfg.stats_samples)
     stats = key_statistics(
         model, tok, layers, options, dtype=cfg.stats_dtype or DEFAULT_DTYPE,
-        ridge=defaults.stats_ridge(model_name), model_name=model_name,
+        ridge=cfg.ridge or 0.0, model_name=model_name,
     )
     return {layer: stats[layer] for layer in layers}
 
@@ -356,7 +374,7 @@ def run_study(models: Sequence[str], data: str | None, cfg: StudyConfig, out_dir
         facts_all, rep = read_facts(data)
     else:
         facts_all, rep = world_facts()
-    facts = pick_facts(facts_all, cfg.n)
+    facts = pick_facts(facts_all, cfg.n, cfg.dedupe)
     if len(facts) < 2:
         raise ValueError(f"{rep.path}: need at least 2 distinct facts, found {len(facts)}")
     if len(facts) < cfg.n:
@@ -388,9 +406,8 @@ def run_study(models: Sequence[str], data: str | None, cfg: StudyConfig, out_dir
         stats_info = next(iter(moms.values())).provenance() if moms else {}
         for per_layer_key in ("layer", "module", "file", "cached"):
             stats_info.pop(per_layer_key, None)
-        ridges = {str(l): m.jitter for l, m in moms.items() if getattr(m, "jitter", 0)}
-        if ridges:
-            stats_info["ridge"] = ridges  # layers whose C was singular
+        stats_info.pop("ridge", None)
+        stats_info["whitening"] = {str(l): _whitening(m, cfg.ridge) for l, m in moms.items()}
         result["models"].append({
             "model": {"id": name, "source": lm.source, "revision": lm.revision,
                       "model_type": lm.model.config.model_type, "n_params": lm.n_params,
@@ -430,7 +447,12 @@ def add_superposition(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default=None, metavar="FILE", help="facts: the study's CounterFact file "
                    "(requested_rewrite format, e.g. intersected_counterfact_known.json), a KnowEdit task "
                    "file, or a JSON list of {prompt, subject}; default: the embedded world's facts")
-    p.add_argument("--n", type=int, default=128, help="number of facts (the first N distinct ones; default 128)")
+    p.add_argument("--n", type=int, default=128, help="number of facts: the first N of the file, as the study "
+                   "takes them (default 128)")
+    p.add_argument("--dedupe-keys", action="store_true", help="skip a fact whose subject text repeats an "
+                   "earlier one's (same key) and take the next instead; the study does not")
+    p.add_argument("--ridge", type=float, default=None, metavar="R", help="whiten with C + R·mean(diag C)·I at "
+                   "every layer; default none, except the smallest that works where C is not positive definite")
     p.add_argument("--layers", default=None, help="layers to analyse: 'all' (default), '0,5,10-12', '-1'")
     p.add_argument("--out", default="superposition", metavar="DIR", help="output folder (default ./superposition)")
     p.add_argument("--stats-corpus", default=None, metavar="PATH", help="text corpus for C = E[kk^T] "
@@ -456,7 +478,7 @@ def cmd_superposition(args: argparse.Namespace) -> int:
         require_matplotlib()  # fail before the long part, not after it
     cfg = StudyConfig(n=args.n, layers=args.layers, batch_size=args.batch_size, stats_source=args.stats_source,
                       stats_corpus=args.stats_corpus, stats_samples=args.stats_samples, device=args.device,
-                      dtype=args.dtype)
+                      dtype=args.dtype, ridge=args.ridge, dedupe=args.dedupe_keys)
     result = run_study(args.model, args.data, cfg, Path(args.out), plots=not args.no_plots)
     from rich.console import Console
 

@@ -61,9 +61,45 @@ def test_read_the_studys_file(shared_data):
     facts, rep = read_facts(shared_data / "superposition" / "intersected_counterfact_known.json")
     assert rep.n_raw == 436 and not rep.bad and len(facts) == 436
     assert facts[0].prompt == "In United Kingdom, the language spoken is" and facts[0].subject == "United Kingdom"
+    # the study's item set: its first 128 records, repeats included
     picked = pick_facts(facts, 128)
-    # records 21 and 83 both read "University of Washington" at the start of the prompt: one key
-    assert len(picked) == 128 and 83 not in [f.index for f in picked] and picked[-1].index == 128
+    assert [f.index for f in picked] == list(range(128))
+    # records 21 and 83 both read "University of Washington" at the start of the prompt: one key;
+    # de-duplicating takes record 128 instead
+    deduped = pick_facts(facts, 128, dedupe=True)
+    assert len(deduped) == 128 and 83 not in [f.index for f in deduped] and deduped[-1].index == 128
+
+
+def test_pick_facts_keeps_repeats_unless_asked():
+    facts = [Fact(f"{s} lives in", s, None, i) for i, s in enumerate(["Ann", "Bo", "Ann", "Cy"])]
+    assert [f.index for f in pick_facts(facts, 3)] == [0, 1, 2]
+    assert [f.index for f in pick_facts(facts, 3, dedupe=True)] == [0, 1, 3]
+
+
+def test_ridge_only_where_asked_or_singular():
+    """C is whitened as it is when positive definite; a singular C gets the smallest ridge that
+    works, and --ridge applies everywhere; each layer records which and why."""
+    import torch
+
+    from knowbench.stats import SecondMoment
+    from knowbench.study import _whitening
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=g, dtype=torch.float64)
+    full = SecondMoment(0, "m", x.T @ x / 200, 200)
+    full.cholesky()
+    assert _whitening(full, None) == {"ridge": 0.0, "why": "none: C is positive definite"}
+    y = x.clone()
+    y[:, 7] = 0.0  # a unit that never fires: C is singular
+    singular = SecondMoment(1, "m", y.T @ y / 200, 200)
+    singular.cholesky()
+    w = _whitening(singular, None)
+    assert w["ridge"] > 0 and "not positive definite" in w["why"]
+    asked = SecondMoment(0, "m", x.T @ x / 200, 200)
+    asked.set_ridge(0.01)
+    asked.cholesky()
+    w = _whitening(asked, 0.01)
+    assert w["ridge"] == pytest.approx(0.01 * float(torch.diagonal(x.T @ x / 200).mean())) and "asked" in w["why"]
 
 
 def test_world_facts_one_per_entity():
