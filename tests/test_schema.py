@@ -90,7 +90,7 @@ def test_protocol_key_and_label_of_a_result_block():
 
 
 def test_migrate_1_0():
-    old = json.loads(LEADERBOARD_FILES[0].read_text())
+    old = json.loads((Path(__file__).resolve().parent / "data" / "result-schema-1.0.json").read_text())
     assert old["schema_version"] == "1.0"
     before = copy.deepcopy(old)
     new = migrate(old)

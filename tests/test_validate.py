@@ -14,8 +14,8 @@ from knowbench.cli import main
 from knowbench.validate import ValidationError, check_file, validate, validate_file
 
 
-LEADERBOARD_FILE = next((Path(__file__).resolve().parents[1] / "leaderboard" / "results" / "zsre" / "embedded"
-                         / "rome").glob("single_*.json"))
+# a real result file of schema 1.0 (FT-M, 100 sequential edits; from the leaderboard before its re-seeding)
+LEADERBOARD_FILE = Path(__file__).resolve().parent / "data" / "result-schema-1.0.json"
 
 
 def errors(result) -> list[str]:
@@ -227,7 +227,7 @@ def test_schema_1_0_files_validate_by_migration(tmp_path):
 def test_schema_1_0_file_with_an_edited_number_fails_the_hash(tmp_path):
     path = tmp_path / "old.json"
     text = LEADERBOARD_FILE.read_text()
-    edited = text.replace('"value": 93.9', '"value": 98.9', 1)
+    edited = text.replace('"value": 29.45', '"value": 99.45', 1)
     assert edited != text
     path.write_text(edited)
     rep = validate_file(path)
