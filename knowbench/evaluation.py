@@ -19,7 +19,7 @@ import numpy as np
 
 from . import metrics as M
 from . import scoring
-from .editor import PromptOwner
+from .editor import EditRequest, PromptOwner
 from .records import EditRecord
 
 if TYPE_CHECKING:
@@ -46,13 +46,15 @@ class RecordScores:
     values: dict[str, Any]  # metric -> fraction, or sub-key -> [item fractions]
 
 
+def edit_request(record: EditRecord) -> EditRequest:
+    """The edit a record asks for, as editors receive it."""
+    return EditRequest(prompt=record.prompt, target_new=record.target_new, subject=record.subject,
+                       ground_truth=record.ground_truth, record_index=record.index)
+
+
 def owner(record: EditRecord, metric: str, key: str | None = None) -> PromptOwner:
     """The owner of a prompt evaluated for ``record``'s ``metric`` (and sub-key)."""
-    from .editor import EditRequest
-
-    req = EditRequest(prompt=record.prompt, target_new=record.target_new, subject=record.subject,
-                      ground_truth=record.ground_truth, record_index=record.index)
-    return PromptOwner(record=record.index, metric=metric, key=key, request=req)
+    return PromptOwner(record=record.index, metric=metric, key=key, request=edit_request(record))
 
 
 class Evaluator:

@@ -154,19 +154,25 @@ class Entry:
         return result_key(self.result)
 
 
+def _stored(root: Path, problems: list[str]) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(path relative to ``root``, result) of every valid file under ``root/results``; an invalid one
+    goes into ``problems``."""
+    for path in sorted((root / RESULTS).rglob("*.json")):
+        report = validate_file(path)
+        if not report.ok:
+            problems.append(report.describe())
+            continue
+        assert report.result is not None
+        yield path.relative_to(root), report.result
+
+
 def load_entries(root: str | Path) -> list[Entry]:
     """Every result under ``root/results``; raises listing every file that is invalid or misplaced."""
     root = Path(root)
     entries: list[Entry] = []
     problems: list[str] = []
-    for path in sorted((root / RESULTS).rglob("*.json")):
-        rel = path.relative_to(root)
-        report = validate_file(path)
-        if not report.ok:
-            problems.append(report.describe())
-            continue
-        result = report.result
-        assert result is not None
+    for rel, result in _stored(root, problems):
+        path = root / rel
         want = relative_path(result)
         if rel != want:
             problems.append(f"{path}: holds the result for ({result_key(result)}), which belongs at {root / want} "
@@ -604,15 +610,10 @@ def relocate(root: str | Path, lock_timeout: float = LOCK_TIMEOUT) -> list[tuple
         moves: list[tuple[Path, Path]] = []
         problems: list[str] = []
         claimed: dict[Path, Path] = {}
-        for path in sorted((root / RESULTS).rglob("*.json")):
-            rel = path.relative_to(root)
-            report = validate_file(path)
-            if not report.ok:
-                problems.append(report.describe())
-                continue
-            want = relative_path(report.result)  # type: ignore[arg-type]
+        for rel, result in _stored(root, problems):
+            want = relative_path(result)
             if want in claimed:
-                problems.append(f"{path} and {root / claimed[want]} are both the run for {root / want}")
+                problems.append(f"{root / rel} and {root / claimed[want]} are both the run for {root / want}")
             claimed[want] = rel
             if rel != want:
                 moves.append((rel, want))

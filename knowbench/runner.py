@@ -35,7 +35,7 @@ from .editor import (
     load_hparams_file,
     override_hparams,
 )
-from .evaluation import EvalConfig, Evaluator, RecordScores, summarise
+from .evaluation import EvalConfig, Evaluator, RecordScores, edit_request, summarise
 from .observers import observer_for
 from .progress import progress_bar
 from .records import EditRecord, LoadReport
@@ -121,11 +121,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _requests(records: Sequence[EditRecord]) -> list[EditRequest]:
-    return [
-        EditRequest(prompt=r.prompt, target_new=r.target_new, subject=r.subject,
-                    ground_truth=r.ground_truth, record_index=r.index)
-        for r in records
-    ]
+    return [edit_request(r) for r in records]
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
@@ -248,7 +244,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     result["records"] = [{"index": r.index, "pre": p.values, "post": q.values}
                          for r, p, q in zip(records, pre_scores, post)]
     ResultBody.model_validate(result)  # the one result model (sealed later): a runner that drifts from it fails here
-    result["_records"] = _record_log(records, pre_scores, post)  # popped by the caller
+    result["_records"] = _record_log(records, result["records"])  # popped by the caller
     return result
 
 
@@ -419,14 +415,10 @@ def finish(result: dict[str, Any]) -> dict[str, Any]:
     return seal(result)
 
 
-def _record_log(records, pre: list[RecordScores], post: list[RecordScores]) -> list[dict[str, Any]]:
-    return [
-        {
-            "index": r.index, "source": r.source, "subject": r.subject, "prompt": r.prompt,
-            "target_new": r.target_new, "pre": p.values, "post": q.values,
-        }
-        for r, p, q in zip(records, pre, post)
-    ]
+def _record_log(records: Sequence[EditRecord], scores: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The result's per-record scores with each record's texts (``--log-records``)."""
+    return [{"index": r.index, "source": r.source, "subject": r.subject, "prompt": r.prompt,
+             "target_new": r.target_new, "pre": s["pre"], "post": s["post"]} for r, s in zip(records, scores)]
 
 
 def _curve_point(evaluator: Evaluator, probes, edited: set[int], ref, editor, n_edits: int) -> dict[str, Any]:
