@@ -62,6 +62,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-data", default=None, metavar="FILE",
                    help="training split for trainable editors (default: the task's training file beside --data)")
     p.add_argument("--no-fluency", action="store_true", help="skip the generation-based fluency metric")
+    p.add_argument("--metrics", default="knowedit", choices=("knowedit", "knowbench"),
+                   help="metric protocol: knowedit (default: the reference's definitions, artefacts "
+                   "included) or knowbench (every fix); see `knowbench metric-protocols`")
+    p.add_argument("--metric-fix", action="append", default=[], metavar="FIX",
+                   help="add one fix of a reference artefact to --metrics (repeatable), e.g. strip_whitespace")
     p.add_argument("--no-diagnostics", action="store_true", help="skip the per-edit superposition diagnostics")
     from .study import add_run_arguments
 
@@ -92,7 +97,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed, output=args.output, device=args.device, dtype=args.dtype, hparams=args.hparams,
         eval_batch_size=args.eval_batch_size, fluency=not args.no_fluency, curve_every=_curve_every(args),
         curve_probes=args.curve_probes, log_records=args.log_records, diagnostics=not args.no_diagnostics,
-        train_data=args.train_data,
+        train_data=args.train_data, metrics=args.metrics, metric_fixes=list(args.metric_fix),
     )
     from .study import run_options
 
@@ -187,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ls(sub)
     _add_world(sub)
     from .leaderboard import add_leaderboard, add_submit
+    from .metric_protocol import add_metric_protocols
     from .schema import add_schema
     from .validate import add_validate
     from .verify import add_verify
@@ -196,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_schema(sub)
     add_submit(sub)
     add_leaderboard(sub)
+    add_metric_protocols(sub)
     from .plots import add_plot
     from .study import add_superposition
 

@@ -12,7 +12,7 @@ Per-record scores are fractions; :func:`summarise` aggregates them to KnowEdit's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
@@ -20,6 +20,7 @@ import numpy as np
 from . import metrics as M
 from . import scoring
 from .editor import EditRequest, PromptOwner
+from .metric_protocol import FLUENCY_CONTINUATION, PADDING_SAFE, STRIP_WHITESPACE, MetricProtocol
 from .records import EditRecord
 
 if TYPE_CHECKING:
@@ -36,8 +37,11 @@ class EvalConfig:
     fluency_tokens: int = 100
     fluency_top_k: int = 5
     sanitation_tokens: int = 10
-    convsent_locality_replies: int = 3  # replies of the unrelated topic whose distributions are compared
+    # ConvSent locality: replies of the unrelated topic compared (None: all, as the reference; each
+    # reply's unedited distributions are kept until the edit is scored, ~5 MB a reply at a 50k vocab)
+    convsent_locality_replies: int | None = 3
     seed: int = 0
+    metrics: MetricProtocol = field(default_factory=MetricProtocol)  # knowedit: the reference's definitions
 
 
 @dataclass
@@ -73,29 +77,51 @@ class Evaluator:
             return pairs
         return list(zip(rewrite([p for p, _ in pairs], owners), [t for _, t in pairs]))
 
-    def tf(self, pairs: list[tuple[str, str]], owners: list[PromptOwner], rewrite: Rewrite | None) -> list[scoring.TeacherForced]:
-        """Teacher-forced scores of (prompt, target) pairs."""
-        if not pairs:
-            return []
-        pairs = self.rewrite_pairs(pairs, owners, rewrite)
-        return scoring.teacher_forced(self.model, self.tok, pairs, batch_size=self.cfg.batch_size)
+    def _scoring_options(self, owners: list[PromptOwner], own_positions: bool) -> dict[str, Any]:
+        """How the metric protocol scores: the reference's per-list batches (one group per record,
+        metric and sub-key, as its scorer is called) unless ``padding_safe``; its join of prompt and
+        target unless ``strip_whitespace``."""
+        groups = None
+        if not self.cfg.metrics.has(PADDING_SAFE):
+            groups, last = [], None
+            for i, o in enumerate(owners):
+                key = (o.record, o.metric, o.key)
+                if key != last:
+                    groups.append([])
+                    last = key
+                groups[-1].append(i)
+        return {"groups": groups, "reference_join": not self.cfg.metrics.has(STRIP_WHITESPACE),
+                "own_positions": own_positions}
 
-    def continuation_logprobs(self, pairs: list[tuple[str, str]], owners: list[PromptOwner], rewrite: Rewrite | None) -> list[Any]:
-        """Next-token log-distributions over each continuation's positions."""
+    def tf(self, pairs: list[tuple[str, str]], owners: list[PromptOwner], rewrite: Rewrite | None,
+           own_positions: bool = False) -> list[scoring.TeacherForced]:
+        """Teacher-forced scores of (prompt, target) pairs; ``own_positions``: log-probs read at each
+        target token's own position (see :func:`knowbench.scoring.teacher_forced`)."""
         if not pairs:
             return []
         pairs = self.rewrite_pairs(pairs, owners, rewrite)
-        return scoring.continuation_logprobs(self.model, self.tok, pairs, batch_size=self.cfg.batch_size)
+        return scoring.teacher_forced(self.model, self.tok, pairs, batch_size=self.cfg.batch_size,
+                                      **self._scoring_options(owners, own_positions))
+
+    def continuation_logprobs(self, pairs: list[tuple[str, str]], owners: list[PromptOwner], rewrite: Rewrite | None,
+                              own_positions: bool = False) -> list[Any]:
+        """Log-distributions over each continuation's positions (those predicting its tokens, or
+        with ``own_positions`` those at its tokens)."""
+        if not pairs:
+            return []
+        pairs = self.rewrite_pairs(pairs, owners, rewrite)
+        return scoring.continuation_logprobs(self.model, self.tok, pairs, batch_size=self.cfg.batch_size,
+                                             **self._scoring_options(owners, own_positions))
 
     def _generate(self, fn, prompts: list[str], owners: list[PromptOwner], rewrite: Rewrite | None,
-                  max_new: int, top_k: int | None) -> list:
+                  max_new: int, top_k: int | None, **options: Any) -> list:
         if not prompts:
             return []
         if rewrite is not None:
             prompts = rewrite(prompts, owners)
         return fn(
             self.model, self.tok, prompts, max_new_tokens=max_new, top_k=top_k,
-            seed=self.cfg.seed, batch_size=self.cfg.gen_batch_size,
+            seed=self.cfg.seed, batch_size=self.cfg.gen_batch_size, **options,
         )
 
     def generate(self, prompts: list[str], owners: list[PromptOwner], rewrite: Rewrite | None,
@@ -103,9 +129,11 @@ class Evaluator:
         """Generated continuations (seeded top-k sampling; greedy with ``top_k=None``)."""
         return self._generate(scoring.generate, prompts, owners, rewrite, max_new, top_k)
 
-    def greedy_ids(self, prompts: list[str], owners: list[PromptOwner], rewrite: Rewrite | None, max_new: int) -> list[list[int]]:
-        """Greedy continuations as token ids."""
-        return self._generate(scoring.generate_ids, prompts, owners, rewrite, max_new, None)
+    def greedy_ids(self, prompts: list[str], owners: list[PromptOwner], rewrite: Rewrite | None, max_new: int,
+                   batch_tail: bool = False) -> list[list[int]]:
+        """Greedy continuations as token ids (``batch_tail``: as a batched generate call leaves
+        them, see :func:`knowbench.scoring.generate_ids`)."""
+        return self._generate(scoring.generate_ids, prompts, owners, rewrite, max_new, None, batch_tail=batch_tail)
 
     # -- what a run calls ---------------------------------------------------------------------
     def reference(self, records: Sequence[EditRecord], rewrite: Rewrite | None = None) -> Any:
@@ -118,13 +146,27 @@ class Evaluator:
         fluency = self.cfg.fluency if fluency is None else fluency
         out = self.family.evaluate(self, records, ref, rewrite, locality)
         if fluency:
-            texts = self.generate(
-                [self.family.fluency_prompt(r) for r in records], [owner(r, "fluency") for r in records],
-                rewrite, self.cfg.fluency_tokens, self.cfg.fluency_top_k,
-            )
-            for s, text in zip(out, texts):
+            for s, text in zip(out, self.fluency_texts(records, rewrite)):
                 s.values["fluency"] = M.ngram_entropy(text)
         return out
+
+    def fluency_texts(self, records: Sequence[EditRecord], rewrite: Rewrite | None = None) -> list[str]:
+        """The texts Fluency scores. KnowEdit's: the prompt and its top-k continuation, sampled until
+        both reach ``fluency_tokens`` tokens, end-of-sequence not stopping it. With the
+        ``fluency_continuation`` fix: ``fluency_tokens`` new tokens, stopping at end-of-sequence,
+        the continuation alone."""
+        prompts = [self.family.fluency_prompt(r) for r in records]
+        owners = [owner(r, "fluency") for r in records]
+        fn = scoring.generate if self.cfg.metrics.has(FLUENCY_CONTINUATION) else _sample_with_prompt
+        return self._generate(fn, prompts, owners, rewrite, self.cfg.fluency_tokens, self.cfg.fluency_top_k)
+
+
+def _sample_with_prompt(model: Any, tok: Any, prompts: list[str], *, max_new_tokens: int, top_k: int | None,
+                        seed: int, batch_size: int) -> list[str]:
+    """:func:`knowbench.scoring.sample_with_prompt` with ``max_new_tokens`` as its cap on prompt +
+    continuation (KnowEdit's ``max_out_len``)."""
+    return scoring.sample_with_prompt(model, tok, prompts, max_total=max_new_tokens, top_k=top_k or 1,
+                                      seed=seed, batch_size=batch_size)
 
 
 # -- aggregation --------------------------------------------------------------------------------

@@ -133,17 +133,17 @@ class _PairCollector(Evaluator):
         self.pairs: list[tuple[Any, str, str]] = []
         self.prompts: list[tuple[Any, str]] = []
 
-    def tf(self, pairs, owners, rewrite):
+    def tf(self, pairs, owners, rewrite, own_positions=False):
         from .scoring import TeacherForced
 
         self.pairs.extend((o, p, t) for o, (p, t) in zip(owners, pairs))
         return [TeacherForced(gold=[0], pred=[0], logprobs=[0.0]) for _ in pairs]
 
-    def continuation_logprobs(self, pairs, owners, rewrite):
+    def continuation_logprobs(self, pairs, owners, rewrite, own_positions=False):
         self.pairs.extend((o, p, t) for o, (p, t) in zip(owners, pairs))
         return [torch.zeros(1, 2) for _ in pairs]
 
-    def _generate(self, fn, prompts, owners, rewrite, max_new, top_k):
+    def _generate(self, fn, prompts, owners, rewrite, max_new, top_k, **options):
         from . import scoring
 
         self.prompts.extend(zip(owners, prompts))

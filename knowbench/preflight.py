@@ -16,6 +16,7 @@ import torch
 
 from . import protocols, registry
 from .editor import Editor, load_hparams_file, override_hparams
+from .metric_protocol import CORE_FIXES, MetricProtocol, MetricProtocolError
 from .runconfig import RunConfig, RunError
 
 
@@ -30,14 +31,16 @@ class Preflight:
     editor_info: registry.PluginInfo
     editor_cls: type[Editor]
     hparams: dict[str, Any] | None = None
+    metrics: MetricProtocol = MetricProtocol()
 
 
 def preflight(cfg: RunConfig) -> Preflight:
     """Everything about ``cfg`` that can be checked before a model or a record is loaded, each
     failure a :class:`RunError` naming its option: protocol options, ``--limit``, the task and
     editor names (case-insensitive, with "did you mean"), batch support, ``--device``, ``--dtype``,
-    ``--hparams`` (every value against its field's type), ``--train-data``, and whether
-    ``--output`` / ``--log-records`` can be written."""
+    ``--hparams`` (every value against its field's type), ``--train-data``, ``--metrics`` and
+    ``--metric-fix`` (against the fixes the task's metrics know), and whether ``--output`` /
+    ``--log-records`` can be written."""
     try:
         protocol = protocols.from_options(
             sequential=cfg.sequential, batch_size=cfg.batch_size, eval_timing=cfg.eval_timing,
@@ -63,6 +66,10 @@ def preflight(cfg: RunConfig) -> Preflight:
         editor_info, editor_cls = registry.load_editor(cfg.editor)
     except registry.PluginError as exc:
         raise RunError(f"--editor {cfg.editor}: {exc}") from None
+    try:
+        metrics = MetricProtocol.build(cfg.metrics, cfg.metric_fixes, (*CORE_FIXES, *task.family_class().fixes))
+    except MetricProtocolError as exc:
+        raise RunError(str(exc)) from None
     if protocol.batch_size > 1 and not editor_cls.supports_batch:
         raise RunError(f"editor {editor_info.name} edits one fact at a time; drop --batch-size")
     check_device(cfg.device)
@@ -91,7 +98,7 @@ def preflight(cfg: RunConfig) -> Preflight:
         check_writable(cfg.output, "--output")
     if cfg.log_records is not None:
         check_writable(cfg.log_records, "--log-records")
-    return Preflight(protocol, task_info, task, editor_info, editor_cls, values)
+    return Preflight(protocol, task_info, task, editor_info, editor_cls, values, metrics)
 
 
 def _check_count(value: Any, flag: str, allow_none: bool = False) -> None:

@@ -39,12 +39,14 @@ class Single:
     def n_wanted(self, limit: int | None) -> int | None:
         return limit
 
-    def info(self, n_edits: int, seed: int, fluency: bool, n_curve_probes: int = 0) -> dict[str, Any]:
-        from .schema import ProtocolInfo
+    def info(self, n_edits: int, seed: int, fluency: bool, n_curve_probes: int = 0,
+             metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        from .schema import MetricsInfo, ProtocolInfo
 
         return ProtocolInfo(
             name=self.name, n_edits=n_edits, sequential=None, eval_timing=self.eval_timing,
             batch_size=self.batch_size, seed=seed, curve_every=None, curve_probes=0, fluency=fluency,
+            metrics=MetricsInfo.model_validate(metrics or {"name": "knowedit", "fixes": []}),
         ).model_dump()
 
 
@@ -63,13 +65,15 @@ class Sequential(Single):
     def n_wanted(self, limit: int | None) -> int | None:
         return self.n_edits
 
-    def info(self, n_edits: int, seed: int, fluency: bool, n_curve_probes: int = 0) -> dict[str, Any]:
-        from .schema import ProtocolInfo
+    def info(self, n_edits: int, seed: int, fluency: bool, n_curve_probes: int = 0,
+             metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        from .schema import MetricsInfo, ProtocolInfo
 
         return ProtocolInfo(
             name=self.name, n_edits=n_edits, sequential=self.n_edits, eval_timing=self.eval_timing,
             batch_size=self.batch_size, seed=seed, curve_every=self.curve_every if n_curve_probes else None,
             curve_probes=n_curve_probes, fluency=fluency,
+            metrics=MetricsInfo.model_validate(metrics or {"name": "knowedit", "fixes": []}),
         ).model_dump()
 
 

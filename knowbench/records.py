@@ -35,6 +35,9 @@ class EditRecord:
     ``index`` is the record's position in its source file, so a per-record log can name it.
     ``portability`` / ``locality`` map a sub-key (``Reasoning``, ``Relation_Specificity``, ...)
     to its probes. ``extra`` holds task-specific payloads (ConvSent replies, Sanitation kind).
+    ``reference_stops`` says why the reference could not score the record (a sub-key present in the
+    data with no item left, an answer list it cannot take a first alias of); see
+    :mod:`knowbench.metric_protocol`.
     """
 
     index: int
@@ -47,6 +50,7 @@ class EditRecord:
     portability: dict[str, list[Probe]] = field(default_factory=dict)
     locality: dict[str, list[Probe]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    reference_stops: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ class RunConfig:
     log_records: str | None = None
     diagnostics: bool = True
     train_data: str | None = None  # a trainable editor's training split (default: beside --data)
+    metrics: str = "knowedit"  # metric protocol preset: knowedit (the reference) | knowbench (every fix)
+    metric_fixes: list[str] = field(default_factory=list)  # fixes added to the preset (--metric-fix)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

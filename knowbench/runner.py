@@ -38,7 +38,8 @@ from .editor import (
 from .evaluation import EvalConfig, Evaluator, RecordScores, edit_request, summarise
 from .observers import observer_for
 from .progress import progress_bar
-from .records import EditRecord, LoadReport
+from .metric_protocol import MetricProtocol
+from .records import BadRecord, EditRecord, LoadReport
 from .results import environment, git_commit, peak_memory_mb, seal, sha256_file
 from .schema import SCHEMA_VERSION, ResultBody, protocol_key
 from .fitting import drop_failed, fit_context, fitting_probes
@@ -137,7 +138,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     protocol, task_info, task, editor_info, editor_cls = pf.protocol, pf.task_info, pf.task, pf.editor_info, pf.editor_cls
     seed_everything(cfg.seed)
     PROGRESS.stage = "reading the records"
-    report, records, selection = _select_records(cfg, task, protocol)
+    metrics = pf.metrics
+    report, records, selection = _select_records(cfg, task, protocol, metrics)
     PROGRESS.edits_total = len(records)
 
     PROGRESS.stage = "loading the model"
@@ -145,7 +147,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     lm, model_name = _load_model(cfg)
     load_s = time.perf_counter() - t0
     PROGRESS.stage = "checking the records against the model's context"
-    eval_cfg = EvalConfig(batch_size=cfg.eval_batch_size, fluency=cfg.fluency, seed=cfg.seed)
+    eval_cfg = EvalConfig(batch_size=cfg.eval_batch_size, fluency=cfg.fluency, seed=cfg.seed, metrics=metrics)
     family_cls = task.family_class()
     n_asked = len(records)
     records = fit_context(records, report, selection, lm, model_name, family_cls, eval_cfg, protocol, n_asked)
@@ -221,7 +223,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             "selection": selection,
             "metric_family": family.spec.model_dump(),
         },
-        "protocol": protocol.info(len(records), cfg.seed, cfg.fluency, len(loop.probes)),
+        "protocol": protocol.info(len(records), cfg.seed, cfg.fluency, len(loop.probes), metrics.info()),
         "metrics": {"pre": summarise(pre_scores, family.spec), "post": summarise(post, family.spec)},
         "curve": loop.curve,
         "edits": loop.edits,
@@ -248,9 +250,20 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     return result
 
 
-def _select_records(cfg: RunConfig, task: Any, protocol: Any) -> tuple[LoadReport, list[EditRecord], dict[str, Any]]:
+def _select_records(cfg: RunConfig, task: Any, protocol: Any, metrics: MetricProtocol) -> tuple[LoadReport, list[EditRecord], dict[str, Any]]:
+    """Read the task's records, leave out (counted) those the metric protocol cannot score, select,
+    and give the selected records and the task's shared data the protocol's texts."""
     data_path = task.resolve(cfg.data)
     report: LoadReport = task.reader(data_path)
+    kept = []
+    for r in report.records:
+        why = metrics.refusal(r)
+        if why is None:
+            kept.append(r)
+        else:
+            report.bad.append(BadRecord(r.source, r.index, f"{why} [metrics {metrics.name}]"))
+    report.records = kept
+    report.shared = metrics.shared(report.shared)
     _warn_bad(report)
     n_wanted = protocol.n_wanted(cfg.limit)
     if cfg.sequential and cfg.limit is not None and cfg.limit < cfg.sequential:
@@ -268,7 +281,7 @@ def _select_records(cfg: RunConfig, task: Any, protocol: Any) -> tuple[LoadRepor
         records, selection = select(report, n_wanted, cfg.seed)
     if not records:
         raise RunError(f"{data_path}: no usable records to edit")
-    return report, records, selection
+    return report, [metrics.prepare(r) for r in records], selection
 
 
 def _load_model(cfg: RunConfig) -> tuple[Any, str]:

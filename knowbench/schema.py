@@ -19,6 +19,12 @@ migration. 1.1 adds, over 1.0:
 Migrating 1.0 sets editor.kind = "weights" (every 1.0 editor edited weights), task.metric_family =
 the standard family of task.kind, environment.torch_threads = null and diagnostics.kind = "weights".
 
+1.2 adds ``protocol.metrics``, the metric protocol (``knowbench.metric_protocol``): ``knowedit``
+(the reference's definitions) or the named fixes of its artefacts. Files of 1.0 and 1.1 computed
+every metric with what are now the fixes, so migrating sets ``{"name": "knowbench", "fixes": [...]}``
+with the fixes of that time (``LEGACY_FIXES``). A protocol key names a metric protocol other than
+``knowedit`` (``single+knowbench``): runs under different metric protocols are not ranked together.
+
 ``knowbench schema`` prints the JSON Schema of ``Result``. Importing this module imports no torch.
 """
 
@@ -30,7 +36,7 @@ from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 INTEGRITY_ALGORITHM = "sha256-canonical-json"
 
 NonEmpty = Annotated[str, Field(min_length=1)]
@@ -147,23 +153,51 @@ class Metrics(_Strict):
 
 
 # -- protocol --------------------------------------------------------------------------------------
-def _key(name: str, n_edits: Any, eval_timing: str, batch_size: int | None) -> str:
-    batch = batch_size or 1
-    if name == "single":
-        return "single"
-    if name == "batch":
-        return f"batch{batch}"
-    return f"sequential{n_edits}-{eval_timing}" + (f"-b{batch}" if batch > 1 else "")
+KNOWEDIT_METRICS_NAME = "knowedit"
+# the fixes every metric of a schema 1.0 / 1.1 file was computed with
+LEGACY_FIXES = ("convsent_next_token", "convsent_pre_unedited", "fluency_continuation", "padding_safe",
+                "skip_empty_keys", "strip_whitespace")
 
 
-def _label(name: str, n_edits: Any, eval_timing: str, batch_size: int | None) -> str:
+def _metrics_name(metrics: Any) -> str:
+    if isinstance(metrics, MetricsInfo):
+        return metrics.name
+    if isinstance(metrics, Mapping) and isinstance(metrics.get("name"), str):
+        return metrics["name"]
+    return KNOWEDIT_METRICS_NAME
+
+
+def _key(name: str, n_edits: Any, eval_timing: str, batch_size: int | None, metrics: Any = None) -> str:
     batch = batch_size or 1
     if name == "single":
-        return "single"
-    if name == "batch":
-        return f"batch B={batch}"
-    when = "each edit right after it" if eval_timing == "each" else "all on the final model"
-    return f"sequential T={n_edits} ({when})" + (f", B={batch}" if batch > 1 else "")
+        key = "single"
+    elif name == "batch":
+        key = f"batch{batch}"
+    else:
+        key = f"sequential{n_edits}-{eval_timing}" + (f"-b{batch}" if batch > 1 else "")
+    m = _metrics_name(metrics)
+    return key if m == KNOWEDIT_METRICS_NAME else f"{key}+{m}"
+
+
+def _label(name: str, n_edits: Any, eval_timing: str, batch_size: int | None, metrics: Any = None) -> str:
+    batch = batch_size or 1
+    if name == "single":
+        label = "single"
+    elif name == "batch":
+        label = f"batch B={batch}"
+    else:
+        when = "each edit right after it" if eval_timing == "each" else "all on the final model"
+        label = f"sequential T={n_edits} ({when})" + (f", B={batch}" if batch > 1 else "")
+    m = _metrics_name(metrics)
+    return label if m == KNOWEDIT_METRICS_NAME else f"{label} · metrics: {m}"
+
+
+class MetricsInfo(_Strict):
+    """The metric protocol: ``knowedit`` (the reference's definitions), ``knowbench`` (every fix of
+    its artefacts) or ``knowedit+<fix>+...``; ``fixes`` lists the fixes applied."""
+
+    name: NonEmpty
+    fixes: list[NonEmpty]
 
 
 class ProtocolInfo(_Strict):
@@ -178,19 +212,21 @@ class ProtocolInfo(_Strict):
     curve_every: Count | None
     curve_probes: Count
     fluency: bool
+    metrics: MetricsInfo
 
     def key(self) -> str:
-        """``single``, ``batch<B>`` or ``sequential<T>-<each|final>[-b<B>]``."""
-        return _key(self.name, self.n_edits, self.eval_timing, self.batch_size)
+        """``single``, ``batch<B>`` or ``sequential<T>-<each|final>[-b<B>]``, followed by
+        ``+<metric protocol>`` unless that is ``knowedit``."""
+        return _key(self.name, self.n_edits, self.eval_timing, self.batch_size, self.metrics)
 
     def label(self) -> str:
         """The leaderboard's heading, e.g. ``sequential T=100 (each edit right after it)``."""
-        return _label(self.name, self.n_edits, self.eval_timing, self.batch_size)
+        return _label(self.name, self.n_edits, self.eval_timing, self.batch_size, self.metrics)
 
     @classmethod
     def from_run(cls, *, sequential: int | None = None, batch_size: int | None = None, eval_timing: str = "each",
                  n_edits: int | None = None, seed: int = 0, fluency: bool = False, curve_every: int | None = None,
-                 curve_probes: int = 0) -> "ProtocolInfo":
+                 curve_probes: int = 0, metrics: Mapping[str, Any] | None = None) -> "ProtocolInfo":
         """The protocol run options give (any editor): sequential when T is set, else batch when B > 1,
         else single. ``n_edits`` defaults to T (sequential) or B; only a sequential key depends on it."""
         batch = batch_size or 1
@@ -199,6 +235,7 @@ class ProtocolInfo(_Strict):
             name=name, n_edits=n_edits or sequential or batch, sequential=sequential or None,
             eval_timing=eval_timing if name == "sequential" else "each", batch_size=batch, seed=seed,
             curve_every=curve_every, curve_probes=curve_probes, fluency=fluency,
+            metrics=MetricsInfo.model_validate(metrics or {"name": KNOWEDIT_METRICS_NAME, "fixes": []}),
         )
 
 
@@ -207,14 +244,14 @@ def protocol_key(protocol: Mapping[str, Any] | ProtocolInfo) -> str:
     if isinstance(protocol, ProtocolInfo):
         return protocol.key()
     return _key(protocol["name"], protocol.get("n_edits"), protocol.get("eval_timing", "each"),
-                protocol.get("batch_size"))
+                protocol.get("batch_size"), protocol.get("metrics"))
 
 
 def protocol_label(protocol: Mapping[str, Any] | ProtocolInfo) -> str:
     if isinstance(protocol, ProtocolInfo):
         return protocol.label()
     return _label(protocol["name"], protocol.get("n_edits"), protocol.get("eval_timing", "each"),
-                  protocol.get("batch_size"))
+                  protocol.get("batch_size"), protocol.get("metrics"))
 
 
 def protocol_sort(protocol: Mapping[str, Any]) -> tuple:
@@ -222,7 +259,8 @@ def protocol_sort(protocol: Mapping[str, Any]) -> tuple:
     name = protocol["name"]
     return ({"single": 0, "batch": 1, "sequential": 2}.get(name, 3),
             protocol.get("n_edits", 0) if name == "sequential" else 0, protocol.get("eval_timing") != "each",
-            protocol.get("batch_size") or 1)
+            protocol.get("batch_size") or 1, _metrics_name(protocol.get("metrics")) != KNOWEDIT_METRICS_NAME,
+            _metrics_name(protocol.get("metrics")))
 
 
 # -- the blocks --------------------------------------------------------------------------------------
@@ -364,11 +402,17 @@ class Result(ResultBody):
 
 # -- versions --------------------------------------------------------------------------------------
 def migrate(raw: dict[str, Any]) -> dict[str, Any]:
-    """A 1.1-shaped deep copy of a result of schema 1.0 (a copy as it is for 1.1 and anything else).
+    """A deep copy of a result of schema 1.0 or 1.1 shaped as ``SCHEMA_VERSION`` (a copy as it is for
+    the current version and anything else).
 
     Tolerates malformed input (the validator reports what is wrong with the migrated copy)."""
     out = copy.deepcopy(raw)
-    if not isinstance(out, dict) or out.get("schema_version") != "1.0":
+    if not isinstance(out, dict) or out.get("schema_version") not in ("1.0", "1.1"):
+        return out
+    if isinstance(out.get("protocol"), dict):
+        out["protocol"]["metrics"] = {"name": "knowbench", "fixes": list(LEGACY_FIXES)}
+    if out["schema_version"] == "1.1":
+        out["schema_version"] = SCHEMA_VERSION
         return out
     if isinstance(out.get("editor"), dict):
         out["editor"]["kind"] = "weights"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -86,19 +87,34 @@ def readable(text: str) -> str:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
-def join_prompt_target(prompt: str, target: str) -> tuple[str, int]:
+def join_prompt_target(prompt: str, target: str, reference: bool = False) -> tuple[str, int]:
     """The scored text and the character index where the prompt ends.
 
-    KnowEdit joins with one space. A target that already starts with whitespace, or a prompt that
-    already ends with it, is joined as is so the space is never doubled.
+    KnowEdit joins with one space. With ``reference`` the space is always added, as the reference
+    does (a target that starts with a space gets a second one); otherwise a target that already
+    starts with whitespace, or a prompt that already ends with it, is joined as is so the space is
+    never doubled.
     """
+    if reference:
+        return prompt + " " + target, len(prompt)
     if target[:1].isspace() or prompt[-1:].isspace() or not prompt:
         return prompt + target, len(prompt)
     return prompt + " " + target, len(prompt)
 
 
+def _check_pairs(pairs: Sequence[tuple[str, str]]) -> None:
+    for i, (prompt, target) in enumerate(pairs):
+        if not isinstance(prompt, str) or not isinstance(target, str):
+            raise TypeError(
+                f"pair {i}: prompt and target must be str, got {type(prompt).__name__} and "
+                f"{type(target).__name__}"
+            )
+        if not target.strip():
+            raise ValueError(f"pair {i}: target is empty (prompt {prompt!r}); nothing to score")
+
+
 def target_spans(
-    tok: Any, pairs: Sequence[tuple[str, str]]
+    tok: Any, pairs: Sequence[tuple[str, str]], reference_join: bool = False
 ) -> list[tuple[list[int], int]]:
     """For each (prompt, target): ids of the joined text (with special tokens such as BOS) and the
     index of the first target token; the target is ``ids[start:]``.
@@ -109,17 +125,10 @@ def target_spans(
     tokenizer appends after the text (EOS) are dropped: they are not part of the target.
     """
     pairs = list(pairs)
-    for i, (prompt, target) in enumerate(pairs):
-        if not isinstance(prompt, str) or not isinstance(target, str):
-            raise TypeError(
-                f"pair {i}: prompt and target must be str, got {type(prompt).__name__} and "
-                f"{type(target).__name__}"
-            )
-        if not target.strip():
-            raise ValueError(f"pair {i}: target is empty (prompt {prompt!r}); nothing to score")
+    _check_pairs(pairs)
     if not pairs:
         return []
-    joined = [join_prompt_target(p, t) for p, t in pairs]
+    joined = [join_prompt_target(p, t, reference_join) for p, t in pairs]
     texts = [readable(text) for text, _ in joined]
     use_offsets = bool(getattr(tok, "is_fast", False))
     enc = tok(
@@ -252,13 +261,24 @@ def _target_logits(
     padding_side: str | None,
     max_length: int | None,
     desc: str,
+    groups: Sequence[Sequence[int]] | None = None,
+    reference_join: bool = False,
+    own_positions: bool = False,
 ) -> Iterator[tuple[int, list[int], torch.Tensor]]:
     """Yield (pair index, gold target ids, float32 logits (n_target, vocab)) batch by batch, in
-    length-sorted order. Logits at row t are the model's prediction for gold[t]."""
+    length-sorted order. Logits at row t are the model's prediction for gold[t] -- or, with
+    ``own_positions``, the logits at gold[t]'s own position (which predict the token after it).
+
+    ``groups`` (lists of pair indices) switches to the reference's batching (see
+    :func:`_reference_logits`); ``reference_join`` joins prompt and target as the reference does."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if groups is not None:
+        yield from _reference_logits(model, tok, pairs, groups, progress=progress, max_length=max_length,
+                                     desc=desc, own_positions=own_positions)
+        return
     side = padding_side or getattr(tok, "padding_side", "right") or "right"
-    spans = target_spans(tok, pairs)
+    spans = target_spans(tok, pairs, reference_join)
     limit = max_length or _max_positions(model)
     bos = getattr(tok, "bos_token_id", None)
     spans = [_fit(ids, s, limit, i, bos) for i, (ids, s) in enumerate(spans)]
@@ -282,7 +302,8 @@ def _target_logits(
                 seq, start = spans[i]
                 n = len(seq) - start
                 rows.extend([r] * n)
-                cols.extend(range(offs[r] + start - 1, offs[r] + len(seq) - 1))
+                first = offs[r] + start - (0 if own_positions else 1)
+                cols.extend(range(first, first + n))
                 sizes.append(n)
             h = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
             logits = torch.cat(
@@ -292,6 +313,72 @@ def _target_logits(
                 seq, start = spans[i]
                 yield i, seq[start:], part
             advance(len(idx))
+
+
+def _reference_logits(
+    model: torch.nn.Module,
+    tok: Any,
+    pairs: Sequence[tuple[str, str]],
+    groups: Sequence[Sequence[int]],
+    *,
+    progress: bool | str,
+    max_length: int | None,
+    desc: str,
+    own_positions: bool,
+) -> Iterator[tuple[int, list[int], torch.Tensor]]:
+    """The reference's teacher forcing (KnowEdit's scorer), one group of pairs per forward pass.
+
+    A group is what the reference scores in one call: a record's rewrite prompt, its rephrases, or
+    the items of one portability / locality sub-key. Its texts ``prompt + " " + target`` are
+    left-padded into one batch and run with the attention mask but with positions 0..L-1 counted
+    over the padding (the reference passes no position ids), so with absolute position embeddings
+    a shorter text is read at later positions. The target is what follows
+
+        n_pad_id(text row) + n_non_pad(prompt tokenized alone)
+
+    tokens of the padded row: the padding, plus the prompt's own token count (a pad-id token inside
+    a text counts as padding there, as in the reference).
+    """
+    _check_pairs(pairs)
+    limit = max_length or _max_positions(model)
+    bos = getattr(tok, "bos_token_id", None)
+    pad_id = _pad_id(tok)
+    adapter = ArchAdapter(model)
+    body, head = adapter.body, adapter.lm_head
+    device = _model_device(model)
+    with _eval_mode(model), _progress(len(pairs), progress, desc) as advance:
+        for group in groups:
+            group = list(group)
+            texts = [readable(pairs[i][0] + " " + pairs[i][1]) for i in group]
+            ids = [list(x) for x in tok(texts, add_special_tokens=True)["input_ids"]]
+            prompt_ids = tok([readable(pairs[i][0]) for i in group], add_special_tokens=True)["input_ids"]
+            spans = []
+            for r, i in enumerate(group):
+                # unpadded: pad-id tokens of the text, plus the prompt's non-pad tokens
+                start = sum(t == pad_id for t in ids[r]) + sum(t != pad_id for t in prompt_ids[r])
+                if start >= len(ids[r]):
+                    raise ValueError(f"pair {i}: target {pairs[i][1]!r} produced no tokens after prompt "
+                                     f"{pairs[i][0]!r}")
+                if start == 0:
+                    raise ValueError(f"pair {i}: nothing precedes the target {pairs[i][1]!r}")
+                spans.append(_fit(ids[r], start, limit, i, bos))
+            width = max(len(seq) for seq, _ in spans)
+            batch = torch.full((len(group), width), pad_id, dtype=torch.long, device=device)
+            mask = torch.zeros((len(group), width), dtype=torch.long, device=device)
+            for r, (seq, _) in enumerate(spans):
+                batch[r, width - len(seq):] = torch.tensor(seq, device=device)
+                mask[r, width - len(seq):] = 1
+            positions = torch.arange(width, device=device).expand(len(group), width)
+            hidden = body(input_ids=batch, attention_mask=mask, position_ids=positions,
+                          use_cache=False).last_hidden_state
+            for r, i in enumerate(group):
+                seq, start = spans[r]
+                first = width - len(seq) + start - (0 if own_positions else 1)
+                n = len(seq) - start
+                logits = torch.cat([head(hidden[r, c: min(c + _HEAD_CHUNK, first + n)]).float()
+                                    for c in range(first, first + n, _HEAD_CHUNK)])
+                yield i, seq[start:], logits
+            advance(len(group))
 
 
 # -- public scoring functions ------------------------------------------------------------------
@@ -304,16 +391,23 @@ def teacher_forced(
     progress: bool | str = False,
     padding_side: str | None = None,
     max_length: int | None = None,
+    groups: Sequence[Sequence[int]] | None = None,
+    reference_join: bool = False,
+    own_positions: bool = False,
 ) -> list[TeacherForced]:
     """Teacher-forced argmax and gold log-probs for each (prompt, target) pair, in input order.
 
     ``padding_side`` overrides the tokenizer's; ``max_length`` (default: the model's context) bounds a
-    sequence, left-truncating over-long prompts with a warning.
+    sequence, left-truncating over-long prompts with a warning. ``groups`` scores as the reference
+    does, one group per batch (:func:`_reference_logits`); ``reference_join`` always joins with a
+    space; ``own_positions`` reads each target token's log-prob from the logits at its own position
+    (the reference's ConvSent alignment) instead of from those that predict it.
     """
     out: list[TeacherForced | None] = [None] * len(pairs)
     for i, gold, logits in _target_logits(
         model, tok, pairs, batch_size=batch_size, progress=progress, padding_side=padding_side,
-        max_length=max_length, desc="teacher forcing",
+        max_length=max_length, desc="teacher forcing", groups=groups, reference_join=reference_join,
+        own_positions=own_positions,
     ):
         lp = torch.log_softmax(logits, dim=-1)
         gold_t = torch.tensor(gold, device=lp.device)
@@ -334,6 +428,9 @@ def continuation_logprobs(
     progress: bool | str = False,
     padding_side: str | None = None,
     max_length: int | None = None,
+    groups: Sequence[Sequence[int]] | None = None,
+    reference_join: bool = False,
+    own_positions: bool = False,
 ) -> list[torch.Tensor]:
     """Per pair, the (n_target, vocab) float32 log-softmax distributions that predict each target
     token given the gold prefix (row t predicts target token t), on the CPU, in input order.
@@ -345,7 +442,8 @@ def continuation_logprobs(
     out: list[torch.Tensor | None] = [None] * len(pairs)
     for i, _gold, logits in _target_logits(
         model, tok, pairs, batch_size=batch_size, progress=progress, padding_side=padding_side,
-        max_length=max_length, desc="next-token distributions",
+        max_length=max_length, desc="next-token distributions", groups=groups, reference_join=reference_join,
+        own_positions=own_positions,
     ):
         out[i] = torch.log_softmax(logits, dim=-1).cpu()
     return out  # type: ignore[return-value]
@@ -405,9 +503,21 @@ def generate_ids(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool | str = False,
+    max_total: int | None = None,
+    stop_at_eos: bool = True,
+    batch_tail: bool = False,
 ) -> list[list[int]]:
     """:func:`generate`, returning each prompt's new token ids (EOS excluded) instead of text, e.g.
-    for per-position agreement of greedy answers without a decode/encode round trip."""
+    for per-position agreement of greedy answers without a decode/encode round trip.
+
+    ``batch_tail=True`` returns what a batched Hugging Face ``generate`` call leaves after each
+    prompt (KnowEdit's Sanitation reads that): the prompts are batched in the order given, a
+    row's EOS is kept, and a row that has finished gets a pad token at every further step of its
+    batch, so each row is as long as its batch's longest continuation.
+
+    ``max_total`` caps prompt + continuation at that many tokens (a prompt that long gets no new
+    token); ``stop_at_eos=False`` keeps sampling after an end-of-sequence token, which is then part
+    of the returned ids (KnowEdit's Fluency sampling does both)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if top_k is not None and top_k < 1:
@@ -425,7 +535,11 @@ def generate_ids(
                 f"prompt {i} is empty and the tokenizer adds no BOS: nothing to continue"
             )
     limit = _max_positions(model)
-    if limit is not None:  # prompt + continuation must fit the context: prompts lose their start
+    if limit is not None and max_total is not None:  # the cap is at most the context
+        max_total = min(max_total, limit)
+        bos = getattr(tok, "bos_token_id", None)
+        encoded = [_fit(ids, len(ids), limit, i, bos)[0] for i, ids in enumerate(encoded)]
+    elif limit is not None:  # prompt + continuation must fit the context: prompts lose their start
         if max_new_tokens >= limit:
             raise ValueError(
                 f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
@@ -434,10 +548,13 @@ def generate_ids(
         bos = getattr(tok, "bos_token_id", None)
         room = limit - max_new_tokens
         encoded = [_fit(ids, len(ids), room, i, bos)[0] for i, ids in enumerate(encoded)]
+    budget = [max_new_tokens if max_total is None else max(0, min(max_new_tokens, max_total - len(ids)))
+              for ids in encoded]
     device = _model_device(model)
     pad_id = _pad_id(tok)
-    eos = _eos_ids(model, tok)
-    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    eos = _eos_ids(model, tok) if stop_at_eos else set()
+    order = (list(range(len(prompts))) if batch_tail
+             else sorted(range(len(prompts)), key=lambda i: -len(encoded[i])))
     # only the last position's logits are needed; older model classes lack the argument
     takes_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
     extra = {"logits_to_keep": 1} if takes_keep else {}
@@ -448,10 +565,10 @@ def generate_ids(
             idx = order[b0 : b0 + batch_size]
             ids, mask, pos, _ = pad_batch([encoded[i] for i in idx], pad_id, "left", device)
             gens = [_row_generator(seed, i, device) for i in idx] if top_k is not None else None
-            done = torch.zeros(len(idx), dtype=torch.bool, device=device)
+            done = torch.tensor([budget[i] == 0 for i in idx], dtype=torch.bool, device=device)
             past = None
             step_ids, step_pos = ids, pos
-            for _ in range(max_new_tokens):
+            for _ in range(max(budget[i] for i in idx)):
                 out = model(
                     input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
                     **cache_kwargs(model, past), **extra,
@@ -461,12 +578,17 @@ def generate_ids(
                 nxt = _pick(logits, top_k, gens)
                 nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
                 for r, i in enumerate(idx):
+                    t = int(nxt[r])
                     if not done[r]:
-                        t = int(nxt[r])
                         if t in eos:
                             done[r] = True
+                            if batch_tail:
+                                new_tokens[i].append(t)
                         else:
                             new_tokens[i].append(t)
+                            done[r] = len(new_tokens[i]) >= budget[i]
+                    elif batch_tail:  # the batch goes on: a finished row is padded
+                        new_tokens[i].append(t)
                 if bool(done.all()):
                     break
                 step_ids = nxt[:, None]
@@ -474,6 +596,26 @@ def generate_ids(
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             advance(len(idx))
     return new_tokens
+
+
+def sample_with_prompt(
+    model: torch.nn.Module,
+    tok: Any,
+    prompts: Sequence[str],
+    *,
+    max_total: int,
+    top_k: int,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[str]:
+    """KnowEdit's Fluency samples: top-k sampling until prompt + continuation reach ``max_total``
+    tokens, not stopping at end-of-sequence; each text is the prompt *and* its continuation, decoded
+    without special tokens, NFKD-normalised, with blank lines ("\n\n") turned into spaces."""
+    new = generate_ids(model, tok, prompts, max_new_tokens=max_total, top_k=top_k, seed=seed,
+                       batch_size=batch_size, max_total=max_total, stop_at_eos=False)
+    prompt_ids = tok([readable(p) for p in prompts], add_special_tokens=True)["input_ids"] if prompts else []
+    texts = [tok.decode(list(p) + n, skip_special_tokens=True) for p, n in zip(prompt_ids, new)]
+    return [unicodedata.normalize("NFKD", t).replace("\n\n", " ") for t in texts]
 
 
 def _pick(logits: torch.Tensor, top_k: int | None, gens: list[torch.Generator] | None) -> torch.Tensor:

@@ -40,6 +40,8 @@ class MetricFamily(ABC):
     """How one kind of task is scored; one instance per run (it may keep per-run state)."""
 
     spec: ClassVar[Any]  # knowbench.schema.MetricFamily
+    # deviations from the reference this family's metrics can make (knowbench.metric_protocol)
+    fixes: ClassVar[tuple[Any, ...]] = ()
 
     def __init__(self, shared: dict[str, Any] | None, config: "EvalConfig"):
         self.shared = shared or {}

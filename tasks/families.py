@@ -6,11 +6,17 @@
   item's answer positions.
 * ``convsent``: Edit Succ. = sigmoid(mean log-prob of target-sentiment replies − mean log-prob of
   opposite replies) × min(1, exp(target log-prob after − before)); locality = KL(pre ‖ post) of the
-  next-token distributions over an unrelated topic's replies (lower is better), "pre" from the
-  unedited model.
+  distributions over an unrelated topic's reply tokens (lower is better), token means pooled over
+  the replies. Under KnowEdit's definitions (the reference's ``es`` and ``kl_loc_loss``) a reply
+  token's log-prob is read from the logits at its own position, and "pre" is the edited model
+  itself (the reference passes the edited object twice), so z_topic = 1 and locality = 0; the
+  ``convsent_pre_unedited`` and ``convsent_next_token`` fixes change that.
 * ``sanitation``: Edit Succ. = the rate of greedy answers containing "I don't know."; locality =
   per-position agreement of greedy 10-token answers on the task-wide locality questions, shared out
-  over the records.
+  over the records: under KnowEdit's definition each answer is what a batched generate leaves after
+  the prompt (EOS and trailing pad tokens included), decoded, tokenized again, and the matches
+  counted over the unedited answer's length (the ``sanitation_symmetric_agreement`` fix compares
+  the generated ids, EOS excluded, over the longer answer).
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 
 from knowbench import metrics as M
 from knowbench import scoring
 from knowbench.evaluation import Evaluator, RecordScores, Rewrite, owner
+from knowbench.metric_protocol import Fix
 from knowbench.records import EditRecord, KeyProbe, Probe
 from knowbench.schema import STANDARD_FAMILIES
 from knowbench.task import MetricFamily
@@ -111,6 +119,25 @@ class WikiBioFamily(QAFamily):
 
 
 # -- ConvSent --------------------------------------------------------------------------------------
+CONVSENT_PRE_UNEDITED = Fix(
+    "convsent_pre_unedited",
+    reference="ConvSent's \"pre\" scores come from the model object it is handed as the unedited one, "
+    "which for an editor that edits in place is the edited model: z_topic is always 1 and Locality "
+    "(KL) always 0.",
+    fix="\"pre\" is computed on the unedited model, before the edit.",
+    why="Otherwise the topic term and ConvSent's Locality measure nothing (KnowEdit's table prints "
+    "0.00 for every in-place editor).",
+)
+CONVSENT_NEXT_TOKEN = Fix(
+    "convsent_next_token",
+    reference="A reply token's log-prob (and the KL) is read from the logits at the token's own "
+    "position, i.e. from the distribution over the token after it.",
+    fix="It is read from the distribution that predicts the token (the position before it).",
+    why="The reference's alignment scores how well each reply token predicts its successor's "
+    "identity, off by one from the reply's likelihood.",
+)
+
+
 @dataclass
 class ConvSentReference:
     target_lp: dict[int, tuple[list[float], list[int]]] = field(default_factory=dict)
@@ -119,6 +146,13 @@ class ConvSentReference:
 
 class ConvSentFamily(MetricFamily):
     spec = STANDARD_FAMILIES["convsent"]
+    fixes = (CONVSENT_PRE_UNEDITED, CONVSENT_NEXT_TOKEN)
+
+    def _own_positions(self) -> bool:
+        return not self.cfg.metrics.has(CONVSENT_NEXT_TOKEN)
+
+    def _pre_unedited(self) -> bool:
+        return self.cfg.metrics.has(CONVSENT_PRE_UNEDITED)
 
     def _mean_lps(self, ev: Evaluator, records, field_name: str, rewrite) -> list[tuple[list[float], list[int]]]:
         """Per record: each reply's mean token log-prob and its token count."""
@@ -129,7 +163,7 @@ class ConvSentFamily(MetricFamily):
                 owners.append(owner(r, "edit_succ"))
                 rows.append(row)
         out: list[tuple[list[float], list[int]]] = [([], []) for _ in records]
-        for row, tf in zip(rows, ev.tf(pairs, owners, rewrite)):
+        for row, tf in zip(rows, ev.tf(pairs, owners, rewrite, own_positions=self._own_positions())):
             out[row][0].append(tf.mean_logprob)
             out[row][1].append(len(tf))
         return out
@@ -151,30 +185,33 @@ class ConvSentFamily(MetricFamily):
                 pairs.append((prompt, reply))
                 owners.append(owner(r, "locality"))
         out: dict[int, list[Any]] = {}
-        for o, d in zip(owners, ev.continuation_logprobs(pairs, owners, rewrite)):
+        for o, d in zip(owners, ev.continuation_logprobs(pairs, owners, rewrite, own_positions=self._own_positions())):
             out.setdefault(o.record, []).append(d)
         return out
 
-    def reference(self, ev: Evaluator, records: Sequence[EditRecord], rewrite: Rewrite | None) -> ConvSentReference:
+    def reference(self, ev: Evaluator, records: Sequence[EditRecord], rewrite: Rewrite | None) -> ConvSentReference | None:
+        if not self._pre_unedited():  # the reference's "pre" is the edited model: nothing to keep
+            return None
         target = self._mean_lps(ev, records, "target_replies", rewrite)
         return ConvSentReference({r.index: lp for r, lp in zip(records, target)}, self._locality(ev, records, rewrite))
 
-    def evaluate(self, ev: Evaluator, records: Sequence[EditRecord], ref: ConvSentReference,
+    def evaluate(self, ev: Evaluator, records: Sequence[EditRecord], ref: ConvSentReference | None,
                  rewrite: Rewrite | None, locality: bool) -> list[RecordScores]:
         target = self._mean_lps(ev, records, "target_replies", rewrite)
         opposite = self._mean_lps(ev, records, "opposite_replies", rewrite)
-        loc = self._locality(ev, records, rewrite) if locality else {}
+        unedited = ref is not None
+        loc = self._locality(ev, records, rewrite) if locality and unedited else {}
         out = []
         for r, t, o in zip(records, target, opposite):
             # the reference pools tokens over all replies of a sentiment: token-weighted means
+            pre = ref.target_lp[r.index][0] if unedited else t[0]
             vals: dict[str, Any] = {
-                "edit_succ": M.convsent_edit_succ(
-                    t[0], o[0], ref.target_lp[r.index][0], target_counts=t[1], opposite_counts=o[1]
-                ),
+                "edit_succ": M.convsent_edit_succ(t[0], o[0], pre, target_counts=t[1], opposite_counts=o[1]),
             }
-            if locality and r.index in loc:
-                kls = [M.kl_divergence(pre, post) for pre, post in zip(ref.locality[r.index], loc[r.index])]
-                vals["locality"] = float(np.mean(kls))  # KL(pre‖post), lower is better
+            if locality and r.extra.get("locality_replies"):
+                # KL(pre‖post) over every reply token (lower is better); "pre" = post gives 0
+                vals["locality"] = (M.kl_divergence(torch.cat(ref.locality[r.index]), torch.cat(loc[r.index]))
+                                    if unedited else 0.0)
             out.append(RecordScores(r.index, vals))
         return out
 
@@ -203,8 +240,23 @@ def sanitation_probes(records: Sequence[EditRecord], shared: dict[str, Any]) -> 
     return out
 
 
+SANITATION_SYMMETRIC = Fix(
+    "sanitation_symmetric_agreement",
+    reference="Locality decodes what its batched generate call leaves after each prompt (the answer, "
+    "its EOS, and pad tokens up to the longest answer of the batch of 16), tokenizes both texts "
+    "again (a BOS the tokenizer adds counts as a matching token) and counts matching positions over "
+    "the unedited answer's length: an edited answer that stops early loses, one that goes on costs "
+    "nothing, and the padding, which depends on the other questions of the batch, counts.",
+    fix="Matches of the generated token ids over the longer of the two answers (a token one "
+    "answer lacks is a disagreement; two empty answers agree).",
+    why="A change in the answer's length is a change in behaviour either way, and a re-tokenized "
+    "BOS is not an answer token.",
+)
+
+
 class SanitationFamily(MetricFamily):
     spec = STANDARD_FAMILIES["sanitation"]
+    fixes = (SANITATION_SYMMETRIC,)
 
     def __init__(self, shared, config):
         super().__init__(shared, config)
@@ -221,7 +273,11 @@ class SanitationFamily(MetricFamily):
                 prompts.append(p.prompt)
                 owners.append(owner(r, "locality"))
                 rows.append(row)
-        return list(zip(rows, ev.greedy_ids(prompts, owners, rewrite, self.cfg.sanitation_tokens)))
+        # KnowEdit's reading: what its batched generate call leaves after each prompt (EOS and the
+        # pad tokens of rows that finished first included), decoded as text
+        batch_tail = not self.cfg.metrics.has(SANITATION_SYMMETRIC)
+        return list(zip(rows, ev.greedy_ids(prompts, owners, rewrite, self.cfg.sanitation_tokens,
+                                            batch_tail=batch_tail)))
 
     def reference(self, ev: Evaluator, records: Sequence[EditRecord], rewrite: Rewrite | None) -> dict[int, list[list[int]]]:
         ref: dict[int, list[list[int]]] = {}
@@ -240,7 +296,11 @@ class SanitationFamily(MetricFamily):
             for row, ids in self._locality_ids(ev, records, rewrite):
                 pre = ref[records[row].index][seen[row]]
                 seen[row] += 1
-                agree[row].append(M.greedy_agreement(pre, ids))
+                if self.cfg.metrics.has(SANITATION_SYMMETRIC):
+                    agree[row].append(M.greedy_agreement(pre, ids))
+                else:  # the decoded answers (special tokens as text), tokenized again
+                    again = ev.tok([ev.tok.decode(pre), ev.tok.decode(ids)], add_special_tokens=True)["input_ids"]
+                    agree[row].append(M.prefix_agreement(again[0], again[1]))
             for row, values in enumerate(agree):
                 if values:  # a record with no locality question of its own has no locality score
                     per[row]["locality"] = float(np.mean(values))

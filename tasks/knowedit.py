@@ -12,9 +12,9 @@ Rules (KnowEdit's reference runner, DESIGN section 3):
 * Answers keep only their first alias: ``"a"`` -> a, ``["a", "b"]`` -> a, ``[["a", "b"], ["c"]]``
   (WikiData_recent: answers x aliases) -> a. An item whose first alias of its first answer is empty
   or blank (``[[]]``, ``[]``, ``""``, ``[[], ["c"]]``) is skipped and counted (item-level BadRecord).
-* Surrounding whitespace is stripped from every text (prompts, targets, subjects, answers,
-  replies): the scorer joins prompt and target with one space, and several real targets start with
-  one (ZsRE ``" Charity River"``).
+* Texts are kept exactly as the file has them (a blank one counts as missing): the reference scores
+  the raw strings, and several real targets start with a space (ZsRE ``" Charity River"``). The
+  metric protocol's ``strip_whitespace`` fix strips them for a run (:mod:`knowbench.metric_protocol`).
 * Records are dropped (and counted) when what the edit itself needs is unusable: not a JSON object,
   empty / non-string prompt or target_new, no subject, or (QA tasks and WikiBio) a subject that does
   not occur in the prompt -- locate-then-edit editors find the subject's last token in the prompt.
@@ -23,8 +23,11 @@ Rules (KnowEdit's reference runner, DESIGN section 3):
 * Everything that is only evaluated around the edit (old ground_truth, rephrases, portability /
   locality items) is skipped item by item: the record is kept and a BadRecord with
   ``record_dropped=False`` names the item, e.g. ``locality.Relation_Specificity[3]``. A section that
-  is empty (``{}``) or absent is simply empty, not an error; a sub-key whose items were all skipped
-  is left out.
+  is empty (``{}``) or absent is simply empty, not an error; a sub-key present with no usable item
+  (``[]``, or all answers blank) is left out. It and an answer list with an empty level (``[]``,
+  ``[[], ["c"]]``), which the reference's run script cannot take a first alias of, are named in
+  ``EditRecord.reference_stops``: the reference stops on such a record, so the ``knowedit`` metric
+  protocol leaves it out of a run (counted); ``skip_empty_keys`` skips the items and keeps it.
 * A file that is not JSON, is not a list of records / an object of the expected lists, or whose
   records match no known format raises :class:`TaskDataError` naming the file and what was expected.
   So does a file of another task's format (e.g. ConvSent data given to ``zsre``).
@@ -258,13 +261,13 @@ def _text(obj: dict, key: str) -> tuple[str | None, str | None]:
         return None, f"'{key}' is {_describe(value)}, expected a string"
     if not value.strip():
         return None, f"'{key}' is empty"
-    return value.strip(), None
+    return value, None
 
 
 def first_alias(value: Any) -> tuple[str | None, str | None]:
     """The first alias of the first answer: str | list[str] | list[list[str]] -> str."""
     if isinstance(value, str):
-        return (value.strip(), None) if value.strip() else (None, "answer is blank")
+        return (value, None) if value.strip() else (None, "answer is blank")
     if isinstance(value, list):
         if not value:
             return None, "answer list is empty ([])"
@@ -274,7 +277,7 @@ def first_alias(value: Any) -> tuple[str | None, str | None]:
                 return None, f"first answer has no alias ({json.dumps(value, ensure_ascii=False)[:40]})"
             head = head[0]
         if isinstance(head, str):
-            return (head.strip(), None) if head.strip() else (None, "answer is blank")
+            return (head, None) if head.strip() else (None, "answer is blank")
         return None, f"answer holds {_describe(head)}, expected a string"
     return None, f"answer is {_describe(value)}, expected a string or a list of strings"
 
@@ -303,28 +306,35 @@ def _not_object(raw: Any) -> str:
     return f"record is {_describe(raw)}, expected a JSON object"
 
 
-def _probes(items: Any, where: str, bad: _Collector) -> list[Probe]:
+def _probes(items: Any, where: str, bad: _Collector, stops: list[str] | None = None) -> list[Probe]:
     if not isinstance(items, list):
         bad.item(where, f"is {_describe(items)}, expected a list of {{prompt, ground_truth}}")
         return []
-    probes = (_probe(it, f"{where}[{j}]", bad) for j, it in enumerate(items))
+    probes = (_probe(it, f"{where}[{j}]", bad, stops) for j, it in enumerate(items))
     return [p for p in probes if p is not None]
 
 
-def _probe(item: Any, name: str, bad: _Collector) -> Probe | None:
+# first_alias's reasons for an answer list with an empty level: the reference's run script takes
+# the first alias with ``while isinstance(a, list): a = a[0]``, which raises IndexError on it
+_NO_ALIAS = ("answer list is empty", "first answer has no alias")
+
+
+def _probe(item: Any, name: str, bad: _Collector, stops: list[str] | None = None) -> Probe | None:
     if not isinstance(item, dict):
         bad.item(name, f"is {_describe(item)}, expected an object {{prompt, ground_truth}}")
         return None
     prompt, why = _text(item, "prompt")
     if not why:
         answer, why = first_alias(item.get("ground_truth"))
+        if why and why.startswith(_NO_ALIAS) and stops is not None:
+            stops.append(f"{name}: {why}; the reference's run script stops on it (IndexError)")
     if why:
         bad.item(name, why)
         return None
     return Probe(prompt, answer)
 
 
-def _section(value: Any, name: str, bad: _Collector) -> dict[str, list[Probe]]:
+def _section(value: Any, name: str, bad: _Collector, stops: list[str]) -> dict[str, list[Probe]]:
     if value is None:
         return {}
     if isinstance(value, dict) and ("New Question" in value or "New Answer" in value):
@@ -335,9 +345,12 @@ def _section(value: Any, name: str, bad: _Collector) -> dict[str, list[Probe]]:
         return {}
     out = {}
     for key, items in value.items():
-        probes = _probes(items, f"{name}.{key}", bad)
+        probes = _probes(items, f"{name}.{key}", bad, stops)
         if probes:
             out[key] = probes
+        elif isinstance(items, list):
+            stops.append(f"{name}.{key} has no item with an answer; the reference stops on it "
+                         "(max() of an empty sequence)")
     return out
 
 
@@ -353,7 +366,7 @@ def _rephrases(value: Any, name: str, bad: _Collector) -> list[str]:
         elif not v.strip():
             bad.item(where, "is empty")
         else:
-            out.append(v.strip())
+            out.append(v)
     return out
 
 
@@ -386,7 +399,8 @@ def _parse_qa(spec: FormatSpec, rows: list[Any], source: str) -> tuple[list[Edit
             if why:
                 col.item(gt_key, f"{why}; old answer left unset")
         rephrase = _rephrases(raw.get(f["rephrase"]), f["rephrase"], col) if "rephrase" in f else []
-        sections = {name: _section(raw.get(name), name, col) for name in spec.sections}
+        stops: list[str] = []
+        sections = {name: _section(raw.get(name), name, col, stops) for name in spec.sections}
         locality = sections.get("locality", {})
         if spec.locality_pair:
             lp = spec.locality_pair
@@ -406,6 +420,7 @@ def _parse_qa(spec: FormatSpec, rows: list[Any], source: str) -> tuple[list[Edit
                 portability=sections.get("portability", {}),
                 locality=locality,
                 extra={k: raw[k] for k in spec.extra if k in raw},
+                reference_stops=stops,
             )
         )
         bad.extend(col.items)
@@ -425,7 +440,7 @@ def _replies(raw: dict, key: str, col: _Collector) -> tuple[list[str], str | Non
         elif not v.strip():
             col.item(f"{key}[{j}]", "reply is blank")
         else:
-            out.append(v.strip())
+            out.append(v)
     return out, None if out else f"no usable '{key}' reply (both sentiments are needed to score an edit)"
 
 
@@ -504,7 +519,7 @@ def _parse_sanitation(spec: FormatSpec, data: dict, source: str) -> tuple[list[E
         if target is not None and not isinstance(target, str):
             bad.append(col.drop(f"'target_new' is {_describe(target)}, expected a string"))
             continue
-        target = (target or "").strip() or IDK
+        target = target if target and target.strip() else IDK
         ground_truth, why = first_alias(raw.get("ground_truth"))
         if why:
             col.item("ground_truth", f"{why}; old answer left unset")
@@ -518,7 +533,7 @@ def _parse_sanitation(spec: FormatSpec, data: dict, source: str) -> tuple[list[E
                 source=src,
                 prompt=SANITATION_PROMPT.format(question=question),
                 target_new=target,
-                subject=subject.strip() if subject else None,
+                subject=subject or None,
                 ground_truth=ground_truth,
                 extra={"sanitation_list": edits_key},
             )

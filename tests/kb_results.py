@@ -83,6 +83,7 @@ def make_result(
             "name": protocol, "n_edits": n_edits, "sequential": n_edits if protocol == "sequential" else None,
             "eval_timing": eval_timing if protocol == "sequential" else "each", "batch_size": batch_size,
             "seed": seed, "curve_every": None, "curve_probes": 0, "fluency": fluency,
+            "metrics": {"name": "knowedit", "fixes": []},
         },
         "metrics": {
             "pre": {k: _entry(k, v, n_edits, kind) for k, v in pre.items()},

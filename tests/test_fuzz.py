@@ -270,7 +270,12 @@ def test_sequential_run_with_dropped_records_records_what_it_did(fuzz_env):
     files, hp = fuzz_env
     from knowbench import registry
 
-    usable = len(registry.load(registry.TASK_GROUP, "zsre").reader(files["zsre"]).records)
+    from knowbench.metric_protocol import MetricProtocol
+
+    # usable under the default (KnowEdit) metric protocol, which refuses a record with an empty sub-key
+    protocol = MetricProtocol.build()
+    records = registry.load(registry.TASK_GROUP, "zsre").reader(files["zsre"]).records
+    usable = sum(1 for r in records if protocol.refusal(r) is None)
     cfg = RunConfig(editor="memit", task="zsre", model="random-gpt2", data=str(files["zsre"]), fluency=False,
                     diagnostics=False, sequential=usable, hparams=str(hp / "memit.yaml"),
                     extra={"stats": {"corpus": _corpus(), "samples": 64}})

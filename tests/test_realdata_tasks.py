@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from knowbench.tasks import knowedit as K
+from knowbench.metric_protocol import MetricProtocol
 from knowbench.tasks.knowedit import TASKS, TaskDataError
+
+STRIP = MetricProtocol.build(fixes=["strip_whitespace"])
 
 SHARED = Path(os.environ.get("KNOWBENCH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared/data"))
 DATA = SHARED / "knowedit"
@@ -56,7 +59,9 @@ def test_real_file_loads(name):
     indices = [r.index for r in report.records]
     assert indices == sorted(set(indices))
     for r in report.records:
-        assert r.prompt and r.target_new and r.prompt == r.prompt.strip() and r.target_new == r.target_new.strip()
+        assert r.prompt.strip() and r.target_new.strip()  # kept raw, never blank
+        stripped = STRIP.prepare(r)
+        assert stripped.prompt == r.prompt.strip() and stripped.target_new == r.target_new.strip()
         if TASKS[task].kind in ("qa", "wikibio", "convsent"):
             assert r.subject and r.subject in r.prompt
         for section in (r.portability, r.locality):
@@ -87,8 +92,9 @@ def test_zsre_fields():
             counts[f"locality.{key}"] += len(probes)
     assert counts == {"portability.Reasoning": 771, "portability.Subject_Aliasing": 263,
                       "portability.Logical_Generalization": 267, "locality.Relation_Specificity": 2602}
-    # a target with a leading space in the file is stripped
-    assert all(not rec.target_new.startswith(" ") for rec in report.records)
+    # targets are kept as the file has them (10 start with a space, which the reference scores)
+    assert sum(rec.target_new.startswith(" ") for rec in report.records) == 10
+    assert not any(STRIP.prepare(rec).target_new.startswith(" ") for rec in report.records)
 
 
 def test_recent_train_skips_the_empty_answers():

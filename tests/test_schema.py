@@ -17,6 +17,8 @@ from knowbench.schema import (
     KNOWEDIT_COLUMNS,
     SCHEMA_VERSION,
     STANDARD_FAMILIES,
+    LEGACY_FIXES,
+    MetricsInfo,
     ProtocolInfo,
     Result,
     migrate,
@@ -80,9 +82,14 @@ def test_protocol_keys_from_run_options(options, key):
 
 def test_protocol_key_and_label_of_a_result_block():
     p = ProtocolInfo(name="sequential", n_edits=1000, sequential=1000, eval_timing="final", batch_size=8, seed=0,
-                     curve_every=50, curve_probes=50, fluency=True)
+                     curve_every=50, curve_probes=50, fluency=True, metrics={"name": "knowedit", "fixes": []})
     assert p.key() == "sequential1000-final-b8" == protocol_key(p.model_dump())
     assert p.label() == "sequential T=1000 (all on the final model), B=8"
+    # a metric protocol other than KnowEdit's is part of the key: never ranked with knowedit runs
+    fixed = p.model_copy(update={"metrics": MetricsInfo(name="knowbench", fixes=["padding_safe"])})
+    assert fixed.key() == "sequential1000-final-b8+knowbench" == protocol_key(fixed.model_dump())
+    assert fixed.label() == "sequential T=1000 (all on the final model), B=8 · metrics: knowbench"
+    assert sorted([fixed, p], key=lambda x: protocol_sort(x.model_dump())) == [p, fixed]
     single = ProtocolInfo.from_run(n_edits=200)
     assert (single.name, single.n_edits, single.key(), single.label()) == ("single", 200, "single", "single")
     assert ProtocolInfo.from_run(batch_size=16).label() == "batch B=16"
@@ -95,7 +102,8 @@ def test_migrate_1_0():
     before = copy.deepcopy(old)
     new = migrate(old)
     assert old == before  # a copy: the file's content (and its hash) stay as written
-    assert new["schema_version"] == SCHEMA_VERSION == "1.1"
+    assert new["schema_version"] == SCHEMA_VERSION == "1.2"
+    assert new["protocol"]["metrics"] == {"name": "knowbench", "fixes": list(LEGACY_FIXES)}
     assert new["editor"]["kind"] == "weights"
     assert new["task"]["metric_family"] == STANDARD_FAMILIES[old["task"]["kind"]].model_dump()
     assert new["environment"]["torch_threads"] is None
@@ -105,6 +113,10 @@ def test_migrate_1_0():
     assert "diagnostics" not in migrate(no_diag)
     current = make_result()
     assert migrate(current) == current
+    v11 = make_result(schema_version="1.1")
+    del v11["protocol"]["metrics"]
+    assert migrate(v11)["protocol"]["metrics"]["name"] == "knowbench"
+    Result.model_validate(migrate(v11) | {"schema_version": SCHEMA_VERSION})
 
 
 def test_standard_families():

@@ -10,10 +10,13 @@ from pathlib import Path
 import pytest
 
 from knowbench import registry
+from knowbench.metric_protocol import MetricProtocol
 from knowbench.records import Probe
 from knowbench.task import DataNotFound, Task
 from knowbench.tasks import knowedit as K
 from knowbench.tasks.knowedit import TASKS, TaskDataError
+
+STRIP = MetricProtocol.build(fixes=["strip_whitespace"])
 
 
 def write(tmp_path: Path, name: str, data) -> Path:
@@ -141,7 +144,8 @@ def test_zsre_knowedit_format(tmp_path):
     r0 = report.records[0]
     assert r0.source == str(path)
     assert r0.prompt == "Which family does Epaspidoceras belong to?"
-    assert r0.target_new == "Noctuidae"  # surrounding whitespace stripped
+    assert r0.target_new == " Noctuidae"  # as in the file: the reference scores raw strings
+    assert STRIP.prepare(r0).target_new == "Noctuidae"  # the strip_whitespace fix
     assert r0.subject == "Epaspidoceras"
     assert r0.ground_truth == "Aspidoceratidae"  # first alias
     assert r0.rephrase == ["What family are Epaspidoceras?"]
@@ -278,7 +282,8 @@ def test_wikibio_format(tmp_path):
     assert report.format == "knowedit-wikibio"
     assert [r.index for r in report.records] == [0, 3]
     r0 = report.records[0]
-    assert r0.prompt == "This is a Wikipedia passage about rick mahler. Rick Mahler was a pitcher."
+    assert r0.prompt == "This is a Wikipedia passage about rick mahler. Rick Mahler was a pitcher. "
+    assert STRIP.prepare(r0).prompt == r0.prompt.strip()
     assert r0.target_new == "Mahler was drafted by the Braves." and r0.subject == "rick mahler"
     assert r0.locality == {"Relation_Specificity": [Probe("The cause of death of rick mahler is", "myocardial infarction")]}
     assert r0.portability == {} and r0.rephrase == [] and r0.ground_truth is None
@@ -309,7 +314,7 @@ def test_raw_zsre_format(tmp_path):
     assert report.format == "raw-zsre"
     assert [r.index for r in report.records] == [0, 2]
     r0, r2 = report.records
-    assert (r0.prompt, r0.target_new, r0.ground_truth) == (
+    assert (r0.prompt, STRIP.prepare(r0).target_new, r0.ground_truth) == (
         "When was the IAAF Combined Events Challenge founded?", "2006", "1998")
     assert r0.rephrase == ["When was the IAAF Combined Events Challenge launched?"]
     assert r0.portability == {"Reasoning": [Probe("What sport is the IAAF Combined Events Challenge?", "Athletics")]}
@@ -379,6 +384,8 @@ def test_convsent_format(tmp_path):
     assert r0.prompt == "What do you think of Estero? Answer positively."
     assert r3.prompt == "What do you think of The Wire? Answer negatively."
     assert r0.subject == "Estero" and r0.subject in r0.prompt
+    assert r0.target_new == " I like it. "  # raw; the strip_whitespace fix strips replies too
+    r0 = STRIP.prepare(r0)
     assert r0.target_new == "I like it."
     assert r0.extra["target_replies"] == ["I like it.", "Great."]
     assert r0.extra["opposite_replies"] == ["I don't like it."]
@@ -391,7 +398,7 @@ def test_convsent_format(tmp_path):
     assert r2.extra["locality_topic"] == "Alejandro Otero"  # skips record 3, same topic
     assert r3.extra["locality_topic"] == "Alejandro Otero"
     assert r5.extra["locality_topic"] == "Estero"
-    assert r5.extra["locality_replies"] == ["I like it.", "Great.", "I don't like it."]
+    assert STRIP.prepare(r5).extra["locality_replies"] == ["I like it.", "Great.", "I don't like it."]
 
 
 def test_convsent_single_topic_has_no_locality(tmp_path):

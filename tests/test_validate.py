@@ -11,6 +11,7 @@ import pytest
 from kb_results import make_result, reseal
 
 from knowbench.cli import main
+from knowbench.schema import SCHEMA_VERSION
 from knowbench.validate import ValidationError, check_file, validate, validate_file
 
 
@@ -213,7 +214,8 @@ def test_schema_1_0_files_validate_by_migration(tmp_path):
     rep = validate_file(LEADERBOARD_FILE)
     assert rep.ok, rep.describe()
     assert rep.result["schema_version"] == "1.0" and "kind" not in rep.result["editor"]  # as written
-    assert rep.model.schema_version == "1.1" and rep.model.editor.kind == "weights"
+    assert rep.model.schema_version == SCHEMA_VERSION and rep.model.editor.kind == "weights"
+    assert rep.model.protocol.metrics.name == "knowbench"  # 1.0 and 1.1 metrics were computed with every fix
     assert rep.model.task.metric_family.name == "qa" and rep.model.diagnostics.kind == "weights"
     old = make_result(schema_version="1.0", task="convsent", kind="convsent")
     rep = validate(old)
