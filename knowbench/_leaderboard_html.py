@@ -36,8 +36,8 @@ PAGE = """<!DOCTYPE html>
 </head>
 <body>
 <h1>knowbench leaderboard</h1>
-<p class="note">Knowledge editors ranked per task and protocol on KnowEdit's columns, generated from validated
-result files. Accuracies are teacher-forced token accuracies &times;100; Fluency is weighted n-gram entropy
+<p class="note">Knowledge editors ranked per task, protocol and metric protocol on KnowEdit's columns
+(results under different metric protocols are never ranked together), generated from validated result files. Accuracies are teacher-forced token accuracies &times;100; Fluency is weighted n-gram entropy
 &times;100; ConvSent's Locality is a KL divergence (lower is better, &darr;). An empty cell is a metric the run
 did not measure, never 0. A row averages the seeds listed in its Seeds column. Click a column header to sort.</p>
 <p class="count">{{COUNT}}Submit a run with <code>knowbench submit RESULT.json</code>.</p>
