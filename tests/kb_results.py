@@ -1,5 +1,5 @@
 """Synthetic, sealed result dicts shaped exactly like ``knowbench.runner.run()`` output
-(``knowbench.schema.Result``, schema 1.1 unless asked for the legacy 1.0 shape).
+(``knowbench.schema.Result``, the current schema unless asked for the legacy 1.0 shape).
 
 Validation and leaderboard tests build their inputs here instead of running models.
 """
