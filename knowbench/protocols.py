@@ -18,6 +18,14 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 
+def _metrics_info(metrics: dict[str, Any] | None) -> Any:
+    """The result's ``protocol.metrics``: the run's metric protocol, KnowEdit's when not given."""
+    from .metric_protocol import MetricProtocol
+    from .schema import MetricsInfo
+
+    return MetricsInfo.model_validate(metrics or MetricProtocol().info())
+
+
 @dataclass
 class Single:
     name = "single"
@@ -41,12 +49,12 @@ class Single:
 
     def info(self, n_edits: int, seed: int, fluency: bool, n_curve_probes: int = 0,
              metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-        from .schema import MetricsInfo, ProtocolInfo
+        from .schema import ProtocolInfo
 
         return ProtocolInfo(
             name=self.name, n_edits=n_edits, sequential=None, eval_timing=self.eval_timing,
             batch_size=self.batch_size, seed=seed, curve_every=None, curve_probes=0, fluency=fluency,
-            metrics=MetricsInfo.model_validate(metrics or {"name": "knowedit", "fixes": []}),
+            metrics=_metrics_info(metrics),
         ).model_dump()
 
 
@@ -67,13 +75,13 @@ class Sequential(Single):
 
     def info(self, n_edits: int, seed: int, fluency: bool, n_curve_probes: int = 0,
              metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-        from .schema import MetricsInfo, ProtocolInfo
+        from .schema import ProtocolInfo
 
         return ProtocolInfo(
             name=self.name, n_edits=n_edits, sequential=self.n_edits, eval_timing=self.eval_timing,
             batch_size=self.batch_size, seed=seed, curve_every=self.curve_every if n_curve_probes else None,
             curve_probes=n_curve_probes, fluency=fluency,
-            metrics=MetricsInfo.model_validate(metrics or {"name": "knowedit", "fixes": []}),
+            metrics=_metrics_info(metrics),
         ).model_dump()
 
 

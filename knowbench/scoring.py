@@ -362,18 +362,14 @@ def _reference_logits(
                 if start == 0:
                     raise ValueError(f"pair {i}: nothing precedes the target {pairs[i][1]!r}")
                 spans.append(_fit(ids[r], start, limit, i, bos))
-            width = max(len(seq) for seq, _ in spans)
-            batch = torch.full((len(group), width), pad_id, dtype=torch.long, device=device)
-            mask = torch.zeros((len(group), width), dtype=torch.long, device=device)
-            for r, (seq, _) in enumerate(spans):
-                batch[r, width - len(seq):] = torch.tensor(seq, device=device)
-                mask[r, width - len(seq):] = 1
-            positions = torch.arange(width, device=device).expand(len(group), width)
+            batch, mask, _, offs = pad_batch([seq for seq, _ in spans], pad_id, "left", device)
+            # the reference's positions: 0..L-1 over the padding, not pad_batch's per-row ones
+            positions = torch.arange(batch.shape[1], device=device).expand_as(batch)
             hidden = body(input_ids=batch, attention_mask=mask, position_ids=positions,
                           use_cache=False).last_hidden_state
             for r, i in enumerate(group):
                 seq, start = spans[r]
-                first = width - len(seq) + start - (0 if own_positions else 1)
+                first = offs[r] + start - (0 if own_positions else 1)
                 n = len(seq) - start
                 logits = torch.cat([head(hidden[r, c: min(c + _HEAD_CHUNK, first + n)]).float()
                                     for c in range(first, first + n, _HEAD_CHUNK)])
