@@ -167,10 +167,6 @@ def _strip_texts(value: Any) -> Any:
     return value
 
 
-def fix_table(fixes: Iterable[Fix]) -> list[dict[str, str]]:
-    return [{"fix": f.name, "reference": f.reference, "fix does": f.fix, "why": f.why} for f in fixes]
-
-
 # -- `knowbench metric-protocols` ------------------------------------------------------------------
 def known_fixes(task: str | None = None) -> list[tuple[Fix, str]]:
     """(fix, where it applies) for the core and the metric family of every installed task (or of
