@@ -135,6 +135,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a trainable editor (SERAC, MEND) on a task's training split",
+        description="Train an editor that has a training phase on the task's training split and store it "
+        "in the cache (keyed by editor, model, training data sha256, hyper-parameters and seed, with its "
+        "provenance and validation curve), where `knowbench run` with the same options finds it. A killed "
+        "training resumes from its last checkpoint when the same command is run again.",
+    )
+    p.add_argument("--editor", required=True, help="a trainable editor, e.g. mend, serac")
+    p.add_argument("--task", required=True, help="task name (its training split is used)")
+    p.add_argument("--model", default=None, help="model (default: the embedded world model)")
+    p.add_argument("--data", default=None, help="the task's test file or folder (the training split is looked "
+                   "for beside it; default: the embedded world's)")
+    p.add_argument("--train-data", default=None, metavar="FILE", help="the training split itself")
+    p.add_argument("--hparams", default=None, metavar="FILE", help="YAML/JSON hyper-parameter overrides")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", default="float32", help="model dtype (default float32)")
+    p.add_argument("--force", action="store_true", help="train again even if a finished artefact exists")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import json
+
+    from .runner import RunConfig, train
+
+    cfg = RunConfig(editor=args.editor, task=args.task, model=args.model, data=args.data, seed=args.seed,
+                    device=args.device, dtype=args.dtype, hparams=args.hparams, train_data=args.train_data)
+    meta = train(cfg, force=args.force)
+    summary = {k: meta[k] for k in ("path", "key", "model", "train_data", "seed", "train_s", "reused") if k in meta}
+    print(json.dumps(summary, indent=1))
+    log.info("trained %s stored in %s; `knowbench run --editor %s --task %s ...` with the same options uses it",
+             cfg.editor, meta["path"], cfg.editor, cfg.task)
+    return 0
+
+
 def _add_ls(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ls", help="list installed tasks and editors with the distribution providing each",
                        description="List task and editor plugins found through entry points (no plugin is imported).")
@@ -189,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run(sub)
+    _add_train(sub)
     _add_ls(sub)
     _add_world(sub)
     from .leaderboard import add_leaderboard, add_submit

@@ -11,13 +11,18 @@ Declared by the class
     ``kind``          the kind of change it makes (:class:`ChangeKind`): weights in place, modules
                       wrapped, prompts rewritten, or an external memory consulted at run time;
     ``supports_batch`` whether one ``apply`` may take several requests;
-    ``trainable``     whether it needs a training phase (then ``train`` and ``load_artefact``).
+    ``trainable``     whether it needs a training phase (then ``train`` and ``load_artefact``);
+    ``uses_train_split`` whether it reads the task's training split without training on it (IKE's
+                      demonstration pool); trainable editors always get it.
 
 Hooks, in the order the runner calls them
     ``__init__(model, tokenizer, hparams, context)``  with the typed :class:`RunContext`;
     ``setup()``                 one-off preparation (statistics, a retrieval index), timed apart;
-    ``train(split)`` / ``load_artefact(artefact)``     trainable editors only (the runner trains
-                                when no stored artefact matches, then loads it);
+    ``train(split)`` / ``load_artefact(artefact)``     trainable editors only. ``knowbench train``
+                                calls ``train`` with ``context.artefact_dir`` set: the editor stores
+                                its files there, checkpoints there (``knowbench.training``) and, when
+                                a checkpoint is already there, resumes from it. ``knowbench run``
+                                finds the stored artefact and calls ``load_artefact``;
     ``sites()``                 the places the editor writes: layer, module, the original weight,
                                 and C where it solves with one — all the diagnostics may read;
     ``apply(requests)``         edit; returns an :class:`EditOutcome`;
@@ -181,6 +186,7 @@ class Editor(ABC):
     kind: ClassVar[ChangeKind] = ChangeKind.WEIGHTS
     supports_batch: ClassVar[bool] = False  # may apply() take more than one request at once?
     trainable: ClassVar[bool] = False
+    uses_train_split: ClassVar[bool] = False  # reads context.train_split without training (IKE)
 
     def __init__(self, model: nn.Module, tokenizer: Any, hparams: Any, context: RunContext):
         self.model = model
@@ -199,7 +205,8 @@ class Editor(ABC):
 
     def train(self, split: TrainSplit) -> Artefact:
         """Train on ``split`` (trainable editors), store the result in ``context.artefact_dir`` and
-        return it as an :class:`Artefact` (its ``meta``: steps, validation curve, ...)."""
+        return it as an :class:`Artefact` (its ``meta``: steps, validation curve, ...). A checkpoint
+        left in ``context.artefact_dir`` by a killed training is resumed from, not started over."""
         raise NotImplementedError(f"editor {self.name} is not trainable")
 
     def load_artefact(self, artefact: Artefact) -> None:

@@ -305,7 +305,7 @@ def _build_editor(cfg: RunConfig, editor_cls: type[Editor], lm: Any, model_name:
         if key == "corpus":
             stats.corpus_name = None
     train_split = None
-    if editor_cls.trainable:
+    if editor_cls.trainable or editor_cls.uses_train_split:
         path = task.resolve_train(cfg.train_data, report.files[0])
         train_split = TrainSplit(report=task.reader(path), path=path, sha256=sha256_file(path))
     context = RunContext(
@@ -317,10 +317,25 @@ def _build_editor(cfg: RunConfig, editor_cls: type[Editor], lm: Any, model_name:
 
 def _trained(cfg: RunConfig, editor: Editor, name: str, model_name: str, hp: Any) -> dict[str, Any]:
     """Load the stored artefact this editor was trained into for (model, training data, hparams,
-    seed), training it first when there is none; its description goes into the result."""
-    from .artefacts import find_or_train
+    seed); a RunError naming the ``knowbench train`` command when there is none. Its description
+    goes into the result."""
+    from .artefacts import find_trained
 
-    return find_or_train(editor, name, model_name, hparams_hash(hp), cfg.seed)
+    return find_trained(editor, name, model_name, hparams_hash(hp), cfg.seed, train_command(cfg))
+
+
+def train_command(cfg: RunConfig) -> str:
+    """The ``knowbench train`` command that makes the artefact a run with ``cfg`` looks for."""
+    import shlex
+
+    parts = ["knowbench", "train", "--editor", cfg.editor, "--task", cfg.task]
+    for flag, value in (("--model", cfg.model), ("--data", cfg.data), ("--train-data", cfg.train_data),
+                        ("--hparams", cfg.hparams), ("--device", None if cfg.device == "cpu" else cfg.device),
+                        ("--dtype", None if cfg.dtype == "float32" else cfg.dtype),
+                        ("--seed", None if cfg.seed == 0 else str(cfg.seed))):
+        if value is not None:
+            parts += [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 @dataclass
@@ -467,3 +482,36 @@ def default_output(result: dict[str, Any]) -> Path:
     model = Path(str(result["model"]["id"])).name.replace("/", "_")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("results") / f"{result['editor']['name']}_{result['task']['name']}_{model}_{proto}_s{p['seed']}_{stamp}.json"
+
+
+def train(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
+    """``knowbench train``: build the editor exactly as ``run`` with ``cfg`` would (model, task,
+    training split, hyper-parameters, seed), train it (resuming a killed training from its
+    checkpoint) and store it where ``run`` looks. Returns the artefact's description."""
+    from .artefacts import train_and_store
+
+    pf = preflight(cfg)
+    if not pf.editor_cls.trainable:
+        trainable = ", ".join(sorted(i.name for i, c in _trainable_editors())) or "none installed"
+        raise RunError(f"--editor {pf.editor_info.name} has no training phase (trainable editors: {trainable})")
+    cfg = dataclasses.replace(cfg, editor=pf.editor_info.name)
+    seed_everything(cfg.seed)
+    report = pf.task.reader(pf.task.resolve(cfg.data))
+    lm, model_name = _load_model(cfg)
+    editor, hp = _build_editor(cfg, pf.editor_cls, lm, model_name, pf.task, report)
+    editor.setup()
+    return train_and_store(editor, pf.editor_info.name, model_name, hparams_hash(hp), cfg.seed, force=force)
+
+
+def _trainable_editors() -> list[tuple[Any, type[Editor]]]:
+    from . import registry
+
+    out = []
+    for info in {i.name: i for i in registry.discover(registry.EDITOR_GROUP).values()}.values():
+        try:
+            _, cls = registry.load_editor(info.name)
+        except Exception:  # noqa: BLE001 - a broken plugin is reported by `knowbench ls`, not here
+            continue
+        if cls.trainable:
+            out.append((info, cls))
+    return out

@@ -211,10 +211,12 @@ def toys(tmp_path, monkeypatch):
 
 
 def _run(editor, zsre_file, **kw):
-    from knowbench.runner import RunConfig, run
+    from knowbench.runner import RunConfig, run, train
 
     kw.setdefault("model", "random-gpt2")
     kw.setdefault("fluency", False)
+    if editor == "toy-memo" and kw.get("train_data"):  # `knowbench train` first (a no-op once trained)
+        train(RunConfig(editor=editor, task="zsre", data=str(zsre_file), model=kw["model"], train_data=kw["train_data"]))
     return run(RunConfig(editor=editor, task="zsre", data=str(zsre_file), **kw))
 
 
@@ -270,14 +272,25 @@ def test_prompt_editor_edits_in_context(toys):
     assert pre != post
 
 
-def test_trained_editor_trains_once_and_reuses(toys, zsre_file):
-    first = _run("toy-memo", zsre_file, limit=2, train_data=str(zsre_file))
+def test_run_names_the_train_command_then_uses_what_train_stored(toys, zsre_file):
+    from knowbench.runconfig import RunError
+    from knowbench.runner import RunConfig, run, train
+
+    cfg = dict(editor="toy-memo", task="zsre", data=str(zsre_file), model="random-gpt2", train_data=str(zsre_file))
+    with pytest.raises(RunError) as err:  # run never trains: it names the command that does
+        run(RunConfig(**cfg, limit=2, fluency=False))
+    assert f"knowbench train --editor toy-memo --task zsre --model random-gpt2 --data {zsre_file}" in str(err.value)
+    assert toys.MemoEditor.__dict__.get("train_count", 0) == 0
+    made = train(RunConfig(**cfg))
+    assert made["reused"] is False and made["editor"]["n_train"] == len(json.loads(Path(zsre_file).read_text()))
+    assert train(RunConfig(**cfg))["reused"] is True  # a finished artefact is kept
+    first = run(RunConfig(**cfg, limit=2, fluency=False))
     art = first["editor"]["artefact"]
-    assert art["reused"] is False and art["editor"]["n_train"] == len(json.loads(Path(zsre_file).read_text()))
+    assert art["reused"] is True and art["key"] == made["key"]
     assert art["train_data"]["sha256"] == first["task"]["data_files"][0]["sha256"]
-    second = _run("toy-memo", zsre_file, limit=2, train_data=str(zsre_file))
-    assert second["editor"]["artefact"]["reused"] is True and second["editor"]["artefact"]["key"] == art["key"]
     assert toys.MemoEditor.train_count == 1
+    with pytest.raises(RunError, match="no training phase"):
+        train(RunConfig(editor="toy-scale", task="zsre", data=str(zsre_file), model="random-gpt2"))
 
 
 def test_trained_editor_without_split_names_the_flag(toys, zsre_file):
