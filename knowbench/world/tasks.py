@@ -26,6 +26,16 @@ TASK_FILES = {
     "convsent": "blender_test.json",
     "sanitation": "trivia_qa_test.json",
 }
+# the training splits (SERAC, MEND, IKE's demonstrations), under the names KnowEdit uses where it
+# has one (KnowEdit ships no ZsRE train file; EasyEdit uses MEND's zsre_mend_train)
+TRAIN_FILES = {
+    "zsre": "ZsRE-train-all.json",
+    "wiki_recent": "recent_train.json",
+    "counterfact": "train_cf.json",
+    "wikibio": "wikibio-train-all.json",
+    "convsent": "blender_train.json",
+    "sanitation": "trivia_qa_train.json",
+}
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,19 @@ class TaskSizes:
     convsent: int = 250
     sanitation_success: int = 200
     sanitation_locality: int = 300
+
+
+@dataclass(frozen=True)
+class TrainSizes:
+    """The training splits' sizes (fewer where the world has no more facts left to edit)."""
+
+    zsre: int = 1000
+    counterfact: int = 600
+    wiki_recent: int = 300
+    wikibio: int = 250
+    convsent: int = 250
+    sanitation_success: int = 200
+    sanitation_locality: int = 100
 
 
 @dataclass(frozen=True)
@@ -57,12 +80,23 @@ class _Builder:
         self.w = world
         self.sizes = sizes
         self.probes: list[KnowledgeProbe] = []
+        self.edited: set[tuple[str, str]] = set()  # (subject, relation) of every edit made
 
     def rng(self, task: str) -> random.Random:
         return random.Random(f"knowbench-world-{self.w.seed}-{task}")
 
     def probe(self, prompt: str, answer: str, group: str) -> None:
         self.probes.append(KnowledgeProbe(prompt, answer, group))
+
+    def editable(self, subject: str, relation: str) -> bool:
+        """Whether the builder may edit (subject, relation): always for the test files."""
+        return True
+
+    def mark(self, subject: str, relation: str) -> None:
+        self.edited.add((subject, relation))
+
+    def products(self) -> list[str]:
+        return list(self.w.names("product"))
 
     # -- helpers ---------------------------------------------------------------------------
     def people(self, task: str) -> list[str]:
@@ -86,12 +120,12 @@ class _Builder:
         pool = [t for t in (r.questions() if kind == "q" else r.statements()) if t != exclude]
         return rng.choice(pool)
 
-    def pick_relation(self, rng: random.Random, subject: str) -> str:
+    def pick_relation(self, rng: random.Random, subject: str) -> str | None:
         ent = self.w.get(subject)
-        cands = [r for r in EDITABLE if r in ent.attrs]
-        if ent.aliases and rng.random() < 0.5:
+        cands = [r for r in EDITABLE if r in ent.attrs and self.editable(subject, r)]
+        if ent.aliases and rng.random() < 0.5 and "occupation" in cands:
             cands = ["occupation"]  # occupation edits are the ones only aliasing makes portable
-        return rng.choice(cands)
+        return rng.choice(cands) if cands else None
 
     def other_relation(self, rng: random.Random, subject: str, rel: str) -> str:
         ent = self.w.get(subject)
@@ -133,6 +167,9 @@ class _Builder:
         out = []
         for s in self.people("zsre")[: self.sizes.zsre]:
             rel = self.pick_relation(rng, s)
+            if rel is None:
+                continue
+            self.mark(s, rel)
             orig = self.w.obj(s, rel)
             target = self.new_target(rng, s, rel)
             prompt = fill(self.template(rng, rel, "q"), s)
@@ -168,6 +205,9 @@ class _Builder:
         out = []
         for s in self.people("counterfact")[: self.sizes.counterfact]:
             rel = self.pick_relation(rng, s)
+            if rel is None:
+                continue
+            self.mark(s, rel)
             orig = self.w.obj(s, rel)
             target = self.new_target(rng, s, rel)
             prompt = fill(self.template(rng, rel, "s"), s)
@@ -205,10 +245,11 @@ class _Builder:
             if len(out) == self.sizes.wiki_recent:
                 break
             ent = self.w.get(s)
-            free = [r for r in ("award", "spouse") if r not in ent.attrs]
+            free = [r for r in ("award", "spouse") if r not in ent.attrs and self.editable(s, r)]
             if not free:
                 continue
             rel = rng.choice(free)
+            self.mark(s, rel)
             target = self.new_target(rng, s, rel)
             prompt = fill(self.template(rng, rel, "s"), s)
             port: dict[str, list[dict]] = {}
@@ -245,6 +286,9 @@ class _Builder:
         out = []
         w = self.w
         for s in self.people("wikibio")[: self.sizes.wikibio]:
+            if not self.editable(s, "biography"):
+                continue
+            self.mark(s, "biography")
             e = w.get(s)
             a = e.attrs
             pron = e.pronoun.capitalize()
@@ -265,7 +309,8 @@ class _Builder:
 
     def convsent(self) -> list[dict]:
         out = []
-        for e in self.w.names("product")[: self.sizes.convsent]:
+        for e in self.products()[: self.sizes.convsent]:
+            self.mark(e, "opinion")
             out.append({
                 "ent": e,
                 "pos": [r.replace("{e}", e) for r in POSITIVE_REPLIES],
@@ -280,8 +325,14 @@ class _Builder:
         w = self.w
         people = self.people("sanitation")
         items = []
-        for s in people[: self.sizes.sanitation_success + self.sizes.sanitation_locality]:
-            rel = rng.choice(["birthplace", "occupation", "employer"])
+        for s in people:
+            if len(items) == self.sizes.sanitation_success + self.sizes.sanitation_locality:
+                break
+            rels = [r for r in ("birthplace", "occupation", "employer") if self.editable(s, r)]
+            if not rels:
+                continue
+            rel = rng.choice(rels)
+            self.mark(s, rel)
             q = fill(self.template(rng, rel, "q"), s)
             items.append((s, q, w.obj(s, rel)))
         n = self.sizes.sanitation_success
@@ -290,6 +341,50 @@ class _Builder:
         for s, q, a in items:
             self.probe(sanitation_prompt(q), a, "sanitation/qa")
         return {"success": success, "locality": locality}
+
+
+class _TrainBuilder(_Builder):
+    """The training splits: the same record shapes, other random streams, and never a fact that a
+    test file edits — a (subject, relation) edited by any of the six test files (a WikiBio concept
+    and a ConvSent topic count whole) is not edited here, so a trained editor or a demonstration
+    pool never holds a test edit."""
+
+    def __init__(self, world: World, sizes: TrainSizes, excluded: set[tuple[str, str]]):
+        super().__init__(world, sizes)  # type: ignore[arg-type]
+        self.excluded = excluded
+
+    def rng(self, task: str) -> random.Random:
+        return random.Random(f"knowbench-world-train-{self.w.seed}-{task}")
+
+    def editable(self, subject: str, relation: str) -> bool:
+        return (subject, relation) not in self.excluded
+
+    def products(self) -> list[str]:
+        return [p for p in self.w.names("product") if self.editable(p, "opinion")]
+
+
+def relation_of(prompt: str, subject: str) -> str:
+    """The relation whose template ``prompt`` fills with ``subject`` (a ValueError if none does)."""
+    for rel in RELATIONS.values():
+        for t in rel.trained + rel.held_out:
+            if fill(t, subject) == prompt:
+                return rel.name
+    raise ValueError(f"no template of the world renders {prompt!r} for {subject!r}")
+
+
+def build_train_tasks(world: World, sizes: TrainSizes | None = None) -> dict[str, object]:
+    """The six training splits, disjoint from every test file's edits (:class:`_TrainBuilder`)."""
+    test = _Builder(world, TaskSizes())
+    test.zsre(), test.wiki_recent(), test.counterfact(), test.wikibio(), test.convsent(), test.sanitation()
+    b = _TrainBuilder(world, sizes or TrainSizes(), test.edited)
+    return {
+        "zsre": b.zsre(),
+        "wiki_recent": b.wiki_recent(),
+        "counterfact": b.counterfact(),
+        "wikibio": b.wikibio(),
+        "convsent": b.convsent(),
+        "sanitation": b.sanitation(),
+    }
 
 
 def sanitation_prompt(question: str) -> str:
@@ -318,7 +413,8 @@ def dumps(data: object) -> str:
 
 
 def write_tasks(world: World, out_dir: str | Path, sizes: TaskSizes | None = None) -> dict[str, Path]:
-    """Write the six task files into ``out_dir`` under KnowEdit's file names; returns task -> path."""
+    """Write the six task files and their training splits into ``out_dir`` under KnowEdit's file
+    names; returns task (``task/train`` for a split) -> path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data, _ = build_tasks(world, sizes)
@@ -327,4 +423,8 @@ def write_tasks(world: World, out_dir: str | Path, sizes: TaskSizes | None = Non
         path = out / TASK_FILES[task]
         path.write_text(dumps(records), encoding="utf-8")
         paths[task] = path
+    for task, records in build_train_tasks(world).items():
+        path = out / TRAIN_FILES[task]
+        path.write_text(dumps(records), encoding="utf-8")
+        paths[f"{task}/train"] = path
     return paths
