@@ -1,6 +1,8 @@
 """The static leaderboard page: one self-contained HTML file (inline CSS and JS, no server needed).
 
-``{{COUNT}}`` and ``{{TABLES}}`` are filled in by ``knowbench.leaderboard.render_html``. Clicking a
+``{{COUNT}}``, ``{{KNOWEDIT}}`` (KnowEdit's layout of the single-edit results, ``table.knowedit``,
+not sortable; empty without such results) and ``{{TABLES}}`` (the ranked tables, ``table.kb``) are
+filled in by ``knowbench.leaderboard.render_html``. Clicking a
 column header sorts that table by the column: the first click puts the best values first (highest,
 or lowest for a lower-is-better column), the next click reverses; empty cells (metrics a run did
 not measure) always stay last. The header's ``aria-sort`` attribute tells the current order.
@@ -32,6 +34,14 @@ PAGE = """<!DOCTYPE html>
   table.kb th[aria-sort="descending"] button::after { content: " \\25BC"; font-size: .7em; }
   table.kb tbody tr:hover { background: #f7f9fc; }
   code { background: #f2f4f8; padding: 0 .25rem; border-radius: 3px; }
+  table.knowedit { border-collapse: collapse; margin-bottom: .4rem; font-variant-numeric: tabular-nums; }
+  table.knowedit th, table.knowedit td { padding: .25rem .6rem; border-bottom: 1px solid #e3e7ee; text-align: right; }
+  table.knowedit thead th { background: #f2f4f8; white-space: nowrap; }
+  table.knowedit thead th:nth-child(-n+2) { text-align: left; }
+  table.knowedit th[scope="rowgroup"], table.knowedit th[scope="row"] { text-align: left; font-weight: 600; }
+  table.knowedit th[scope="row"] { font-weight: normal; white-space: nowrap; }
+  table.knowedit tr.task th { background: #f7f9fc; }
+  p.footnote { color: #4a5468; font-size: .9em; max-width: 60rem; margin: .2rem 0; }
 </style>
 </head>
 <body>
@@ -41,6 +51,7 @@ PAGE = """<!DOCTYPE html>
 &times;100; ConvSent's Locality is a KL divergence (lower is better, &darr;). An empty cell is a metric the run
 did not measure, never 0. A row averages the seeds listed in its Seeds column. Click a column header to sort.</p>
 <p class="count">{{COUNT}}Submit a run with <code>knowbench submit RESULT.json</code>.</p>
+{{KNOWEDIT}}
 {{TABLES}}
 <script>
 (function () {

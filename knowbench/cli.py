@@ -229,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_ls(sub)
     _add_world(sub)
+    from .knowedit_table import add_knowedit_table
     from .leaderboard import add_leaderboard, add_submit
     from .metric_protocol import add_metric_protocols
     from .schema import add_schema
@@ -241,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_submit(sub)
     add_leaderboard(sub)
     add_metric_protocols(sub)
+    add_knowedit_table(sub)
     from .plots import add_plot
     from .study import add_superposition
 

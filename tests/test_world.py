@@ -22,7 +22,8 @@ from knowbench.world import (
     world_main,
     write_tasks,
 )
-from knowbench.world.corpus import epoch_units
+from knowbench.world.corpus import epoch_units, icl_documents, test_edits
+from knowbench.world.tasks import TRAIN_FILES, build_train_tasks, relation_of
 from knowbench.world.templates import RELATIONS
 
 SHIPPED = (MODEL_DIR / "model.safetensors").exists()
@@ -145,8 +146,64 @@ def test_default_task_file_maps_every_task_and_spelling():
 
 def test_shipped_tasks_match_the_generator(tmp_path):
     write_tasks(generate(DEFAULT_SEED), tmp_path)
-    for task, name in TASK_FILES.items():
-        assert default_task_file(task).read_bytes() == (tmp_path / name).read_bytes(), name
+    for task, name in [*TASK_FILES.items(), *TRAIN_FILES.items()]:
+        assert (default_task_file(task).parent / name).read_bytes() == (tmp_path / name).read_bytes(), name
+
+
+def _edits_in(data: dict) -> dict[str, set[tuple[str, str]]]:
+    """(subject, relation) of every edit in a set of task files, read back from the records."""
+    out: dict[str, set[tuple[str, str]]] = {}
+    for task in ("zsre", "counterfact", "wiki_recent"):
+        out[task] = {(r["subject"], relation_of(r["prompt"], r["subject"])) for r in data[task]}
+    out["wikibio"] = {(r["concept"], "biography") for r in data["wikibio"]}
+    out["convsent"] = {(r["ent"], "opinion") for r in data["convsent"]}
+    out["sanitation"] = {(r["subject"], relation_of(r["question"], r["subject"])) for r in data["sanitation"]["success"]}
+    return out
+
+
+def test_training_splits_share_no_edit_with_any_test_file(world):
+    """No training record edits a fact that a test file edits (of any task): a trained editor or an
+    IKE pool never holds a test edit. Read back from the records, not from the builder's set."""
+    test, _ = build_tasks(world)
+    train = build_train_tasks(world)
+    test_all = set().union(*_edits_in(test).values())
+    for task, edits in _edits_in(train).items():
+        assert edits and not edits & test_all, task
+    assert len(train["zsre"]) >= 900 and len(train["counterfact"]) >= 500
+    # the splits load as their tasks' training files, with no bad record
+    from knowbench import registry
+
+    for task in TRAIN_FILES:
+        _, t = registry.load_task(task)
+        path = t.resolve_train(None, default_task_file(task))
+        assert path.name == TRAIN_FILES[task]
+        rep = t.reader(path)
+        assert rep.records and not rep.bad, task
+
+
+def test_in_context_documents_never_update_a_test_fact(world):
+    excluded = test_edits(world)
+    docs = icl_documents(world, DEFAULT_SEED, 0, excluded, n_docs=300)
+    blocks = [b for d in docs for b in d.split("\n\n")]
+    assert len(blocks) > len(docs)  # documents with demonstrations before the last block
+    facts = [b.split("\n")[0].removeprefix("New Fact: ") for b in blocks]
+    assert all(b.startswith("New Fact: ") and "\nPrompt: " in b for b in blocks)
+    people = world.names("person")
+    for fact in facts:  # "{prompt} {new object}": find the (subject, prompt) it was rendered from
+        found = [(p, fact[: i]) for p in people if p in fact for i in range(len(fact), 0, -1)
+                 if fact[i:i + 1] == " " and _is_prompt(fact[: i], p)]
+        assert found, fact
+        for subject, prompt in found:
+            assert (subject, relation_of(prompt, subject)) not in excluded, fact
+    assert icl_documents(world, DEFAULT_SEED, 0, excluded, n_docs=300) == docs  # seeded
+
+
+def _is_prompt(text: str, subject: str) -> bool:
+    try:
+        relation_of(text, subject)
+    except ValueError:
+        return False
+    return True
 
 
 @needs_shipped
@@ -216,5 +273,5 @@ def test_a_few_build_steps_are_deterministic(tmp_path):
 
 def test_cli_tasks_and_eval(tmp_path, capsys):
     assert world_main(["tasks", "--out", str(tmp_path / "t"), "--seed", "5"]) == 0
-    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == sorted(TASK_FILES.values())
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == sorted([*TASK_FILES.values(), *TRAIN_FILES.values()])
     assert world_main(["eval", "--model", str(tmp_path / "nothing")]) == 2

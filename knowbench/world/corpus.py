@@ -11,6 +11,16 @@ aliases ("X is also known as Y") and the facts restated under the alias, Forgetf
 Facts are packed one to three to a text so that each fact is seen both at the start of a text (as
 it is scored) and after unrelated context (as editors that prefix prompts see it). Held-out
 templates never appear.
+
+In-context updates (``icl_documents``): a model trained only on fact statements cannot copy a fact
+from its prompt, and then in-context editors (ICE, IKE, SERAC's counterfactual model) measure
+nothing. So each epoch also holds documents that state an update and then use it, in the layout
+the in-context editors use — blocks of ``New Fact: {prompt} {new object}`` and ``Prompt: {query}
+{answer}`` separated by a blank line, the last block preceded by 0-5 others (IKE's demonstrations).
+A block's query asks the updated fact again (copy), asks it in another phrasing (update: the answer
+is the new object, not the stored one), or asks another fact (retain: the stored answer, about the
+same subject or another one). The updates are drawn afresh every epoch from facts that no test file
+edits, with random new objects, so the model learns to read updates rather than learning them.
 """
 
 from __future__ import annotations
@@ -81,6 +91,70 @@ def epoch_units(world: World, seed: int, epoch: int, bio_fraction: float = 0.25,
     return units
 
 
+ICL_RELATIONS = ("birthplace", "occupation", "employer", "spouse", "award")
+ICL_KINDS = (("copy", 0.3), ("update", 0.4), ("retain", 0.3))
+
+
+def icl_block(rng: random.Random, world: World, subject: str, relation: str, new: str, kind: str) -> str:
+    """One ``New Fact: ... / Prompt: ... answer`` block of the given kind."""
+    rel = RELATIONS[relation]
+    fact_t = rng.choice(rel.trained)
+    fact = f"New Fact: {fill(fact_t, subject)} {new}"
+    if kind == "copy":
+        query, answer = fill(fact_t, subject), new
+    elif kind == "update":
+        others = [t for t in rel.trained if t != fact_t]
+        query, answer = fill(rng.choice(others), subject), new
+    else:
+        ent = world.get(subject)
+        others = [r for r in ICL_RELATIONS + ("birth_country",) if r in ent.attrs and r != relation]
+        if others and rng.random() < 0.6:  # another fact of the same subject keeps its answer
+            r2, s2 = rng.choice(others), subject
+        else:  # a fact of someone else
+            s2 = rng.choice(world.names("person"))
+            r2 = rng.choice([r for r in ICL_RELATIONS if r in world.get(s2).attrs])
+        query, answer = fill(rng.choice(RELATIONS[r2].trained), s2), world.obj(s2, r2)
+    return f"{fact}\nPrompt: {query} {answer}"
+
+
+def icl_documents(world: World, seed: int, epoch: int, excluded: set[tuple[str, str]], n_docs: int = 400,
+                  max_demos: int = 5) -> list[str]:
+    """``n_docs`` in-context update documents of one epoch (see the module docstring); no update
+    touches a (subject, relation) in ``excluded`` (the test files' edits)."""
+    rng = random.Random(f"knowbench-icl-{seed}-{epoch}")
+    pool = [(f.subject, f.relation) for f in world.facts()
+            if f.relation in ICL_RELATIONS and (f.subject, f.relation) not in excluded]
+    kinds, weights = zip(*ICL_KINDS)
+    docs = []
+    for _ in range(n_docs):
+        blocks = []
+        for _ in range(rng.randint(0, max_demos) + 1):
+            subject, relation = rng.choice(pool)
+            orig = world.obj(subject, relation)
+            new = rng.choice([o for o in world.range_of(relation) if o not in (orig, subject)])
+            blocks.append(icl_block(rng, world, subject, relation, new, rng.choices(kinds, weights)[0]))
+        docs.append("\n\n".join(blocks))
+    return docs
+
+
+def test_edits(world: World) -> set[tuple[str, str]]:
+    """The (subject, relation) pairs the world's test files edit (never updated in the corpus)."""
+    from .tasks import TaskSizes, _Builder
+
+    b = _Builder(world, TaskSizes())
+    b.zsre(), b.wiki_recent(), b.counterfact(), b.wikibio(), b.convsent(), b.sanitation()
+    return b.edited
+
+
+def epoch_texts(world: World, seed: int, epoch: int, excluded: set[tuple[str, str]] | None = None,
+                icl_docs: int = 400) -> list[str]:
+    """One epoch's training texts: the packed fact units, then the in-context update documents."""
+    texts = pack(epoch_units(world, seed, epoch), seed, epoch)
+    if icl_docs:
+        texts += icl_documents(world, seed, epoch, test_edits(world) if excluded is None else excluded, icl_docs)
+    return texts
+
+
 def pack(units: list[str], seed: int, epoch: int, max_units: int = 3) -> list[str]:
     """Join consecutive units into texts of 1..max_units units (newline-separated)."""
     rng = random.Random(f"knowbench-pack-{seed}-{epoch}")
@@ -92,9 +166,10 @@ def pack(units: list[str], seed: int, epoch: int, max_units: int = 3) -> list[st
     return texts
 
 
-def render_corpus(world: World, seed: int, epochs: int = 1) -> list[str]:
-    """The packed training texts of ``epochs`` epochs (what the tokenizer is trained on)."""
+def render_corpus(world: World, seed: int, epochs: int = 1, icl_docs: int = 400) -> list[str]:
+    """The training texts of ``epochs`` epochs (what the tokenizer is trained on)."""
+    excluded = test_edits(world) if icl_docs else set()
     out: list[str] = []
     for e in range(epochs):
-        out.extend(pack(epoch_units(world, seed, e), seed, e))
+        out.extend(epoch_texts(world, seed, e, excluded, icl_docs))
     return out

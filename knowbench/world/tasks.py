@@ -182,6 +182,12 @@ class _Builder:
             ]
             self.probe(prompt, orig, "zsre/edit")
             self.probe(rephrase, orig, "rephrase")
+            # in-context editing (ICE's prompt): the new fact in front of the prompt, a rephrase,
+            # and another fact of the subject, which keeps its answer
+            fact = f"New Fact: {prompt} {target}\nPrompt: "
+            self.probe(fact + prompt, target, "icl_copy")
+            self.probe(fact + rephrase, target, "icl_update")
+            self.probe(fact + loc[1]["prompt"], a2, "icl_retain")
             for it in loc:
                 self.probe(it["prompt"], a2, "zsre/locality")
             self.held_out(rng, s, rel, orig)

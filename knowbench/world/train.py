@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .corpus import epoch_units, pack, render_corpus
+from .corpus import epoch_texts, render_corpus, test_edits
 from .world import World, generate
 
 EOS = "<|endoftext|>"
@@ -56,8 +56,9 @@ class BuildConfig:
     n_embd: int = 128
     n_head: int = 4
     n_inner: int | None = 2048  # MLP width: 16 × n_embd, a sparse key space (see the docstring)
-    n_positions: int = 128
-    max_len: int = 96  # tokens per training text (longer texts are cut)
+    n_positions: int = 256  # room for IKE's demonstrations before a prompt
+    max_len: int = 256  # tokens per training text (longer texts are cut)
+    icl_docs: int = 400  # in-context update documents per epoch (corpus.icl_documents)
     threads: int = 2
     tokenizer_epochs: int = 2  # corpus epochs the tokenizer is trained on
     bf16_autocast: bool = True  # bfloat16 matmuls (fp32 master weights): ~25 % faster on AVX512-BF16 CPUs
@@ -110,10 +111,11 @@ def batches(world: World, tok: Any, cfg: BuildConfig) -> Iterator[tuple[Any, Any
     import torch
 
     epoch = 0
+    excluded = test_edits(world)
     while True:
-        texts = pack(epoch_units(world, cfg.seed, epoch), cfg.seed, epoch)
+        texts = epoch_texts(world, cfg.seed, epoch, excluded, cfg.icl_docs)
         enc = tok([t + EOS for t in texts], add_special_tokens=False)["input_ids"]
-        enc = [ids[: cfg.max_len] for ids in enc]
+        enc = [ids[: min(cfg.max_len, cfg.n_positions)] for ids in enc]
         for chunk in _length_buckets(enc, cfg.batch_size, random.Random(f"knowbench-batches-{cfg.seed}-{epoch}")):
             width = max(len(x) for x in chunk)
             ids = torch.full((len(chunk), width), tok.eos_token_id, dtype=torch.long)
@@ -230,7 +232,7 @@ def build(out_dir: str | Path, seed: int = 0, steps: int | None = None, config: 
     out = Path(out_dir)
     world = generate(seed)
     write_tasks(world, out / "tasks")
-    tok = train_tokenizer(render_corpus(world, seed, epochs=cfg.tokenizer_epochs), cfg.vocab_size)
+    tok = train_tokenizer(render_corpus(world, seed, epochs=cfg.tokenizer_epochs, icl_docs=cfg.icl_docs), cfg.vocab_size)
     callback = _monitor(world, tok, seed) if eval_every else None
     model, stats = train(world, tok, cfg, progress=progress, callback=callback, callback_every=eval_every)
     model_dir = out / "model"
@@ -263,7 +265,8 @@ def _monitor(world: World, tok: Any, seed: int):
     _, probes = build_tasks(world)
     rng = random.Random(f"knowbench-monitor-{seed}")
     sample = rng.sample([p for p in probes if "/" in p.group], 400) + rng.sample(
-        [p for p in probes if p.group in ("rephrase", "held_out")], 200)
+        [p for p in probes if p.group in ("rephrase", "held_out")], 200) + rng.sample(
+        [p for p in probes if p.group.startswith("icl_")], 300)
     t0 = time.time()
 
     def cb(step: int, model: Any, loss: float) -> None:
