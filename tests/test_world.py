@@ -249,7 +249,7 @@ def _tiny_config(steps: int):
     from knowbench.world.train import BuildConfig
 
     return BuildConfig(steps=steps, batch_size=8, warmup=2, vocab_size=400, n_layer=2, n_embd=32, n_head=2, n_inner=None,
-                       n_positions=128, threads=1, tokenizer_epochs=1)
+                       n_positions=128, threads=1, tokenizer_epochs=1, icl_steps=2, icl_warmup=1, icl_docs=40)
 
 
 def test_a_few_build_steps_are_deterministic(tmp_path):
@@ -269,6 +269,31 @@ def test_a_few_build_steps_are_deterministic(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "0" / "model")
     ids = tok("Where was it born?", return_tensors="pt")["input_ids"]
     assert model(ids).logits.shape[-1] == len(tok)
+
+
+def test_stage2_from_a_saved_stage1_equals_the_whole_build(tmp_path):
+    """Stage 2 (in-context updates) started from the saved stage-1 model gives the same weights as
+    the whole build: the float16 rounding between the stages is part of the build."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from knowbench.world.train import build
+
+    whole = build(tmp_path / "whole", seed=3, config=_tiny_config(3), progress=False, evaluate=False)
+    build(tmp_path / "s1", seed=3, config=replace(_tiny_config(3), icl_steps=0), progress=False, evaluate=False)
+    resumed = build(tmp_path / "s2", seed=3, config=_tiny_config(3), progress=False, evaluate=False,
+                    from_stage1=tmp_path / "s1" / "model")
+    a = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "s2" / "model" / "model.safetensors")
+    assert all(torch_equal(a[k], b[k]) for k in a)
+    assert whole["stage2"]["final_loss"] == resumed["stage2"]["final_loss"] > 0
+    assert resumed["stage1_from"]["path"].endswith("model") and whole["stage1_from"] is None
+    assert resumed["final_loss"] == whole["final_loss"]  # stage 1's statistics carried from its build_info
+
+
+def torch_equal(x, y) -> bool:
+    return bool((x == y).all())
 
 
 def test_cli_tasks_and_eval(tmp_path, capsys):

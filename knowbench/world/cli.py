@@ -28,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--vocab-size", type=int, default=d.vocab_size,
                    help=f"BPE vocabulary (default {d.vocab_size}; 5000 makes most surnames one token)")
     b.add_argument("--n-inner", type=int, default=d.n_inner, help=f"MLP width (default {d.n_inner})")
+    b.add_argument("--icl-steps", type=int, default=d.icl_steps,
+                   help=f"stage 2 steps: in-context update documents with fact replay (default {d.icl_steps}; 0 skips it)")
+    b.add_argument("--from-stage1", type=Path, default=None, metavar="MODEL_DIR",
+                   help="skip stage 1: start stage 2 from this saved stage-1 model folder (its tokenizer included)")
     b.add_argument("--no-eval", action="store_true", help="skip measuring the accuracies after training")
     b.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="log the accuracy on a sample of facts every N steps")
@@ -58,12 +62,12 @@ def world_main(argv: list[str] | None = None) -> int:
 def _build(args: argparse.Namespace) -> int:
     from .train import BuildConfig, build
 
-    cfg = BuildConfig(threads=args.threads, vocab_size=args.vocab_size, n_inner=args.n_inner)
+    cfg = BuildConfig(threads=args.threads, vocab_size=args.vocab_size, n_inner=args.n_inner, icl_steps=args.icl_steps)
     info = build(args.out, seed=args.seed, steps=args.steps, config=cfg, progress=not args.quiet,
-                 evaluate=not args.no_eval, eval_every=args.eval_every)
+                 evaluate=not args.no_eval, eval_every=args.eval_every, from_stage1=args.from_stage1)
     print(f"built in {info['build_seconds']:.0f} s ({info['n_params']:,} parameters, final loss {info['final_loss']})")
     if "accuracy" in info:
-        for g in ("known", "rephrase", "held_out", "reasoning_pre"):
+        for g in ("known", "rephrase", "held_out", "reasoning_pre", "icl_copy", "icl_update", "icl_retain"):
             if g in info["accuracy"]:
                 print(f"  {g:14s} {info['accuracy'][g]['accuracy']:6.2f}  (n={info['accuracy'][g]['n']})")
     return 0

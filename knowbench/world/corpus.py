@@ -14,9 +14,9 @@ templates never appear.
 
 In-context updates (``icl_documents``): a model trained only on fact statements cannot copy a fact
 from its prompt, and then in-context editors (ICE, IKE, SERAC's counterfactual model) measure
-nothing. So each epoch also holds documents that state an update and then use it, in the layout
+nothing. So the build's second stage adds to each epoch documents that state an update and then use it, in the layout
 the in-context editors use — blocks of ``New Fact: {prompt} {new object}`` and ``Prompt: {query}
-{answer}`` separated by a blank line, the last block preceded by 0-5 others (IKE's demonstrations).
+{answer}`` separated by a blank line, the last block preceded by 0-3 others (IKE's demonstrations).
 A block's query asks the updated fact again (copy), asks it in another phrasing (update: the answer
 is the new object, not the stored one), or asks another fact (retain: the stored answer, about the
 same subject or another one). The updates are drawn afresh every epoch from facts that no test file
@@ -117,8 +117,8 @@ def icl_block(rng: random.Random, world: World, subject: str, relation: str, new
     return f"{fact}\nPrompt: {query} {answer}"
 
 
-def icl_documents(world: World, seed: int, epoch: int, excluded: set[tuple[str, str]], n_docs: int = 400,
-                  max_demos: int = 5) -> list[str]:
+def icl_documents(world: World, seed: int, epoch: int, excluded: set[tuple[str, str]], n_docs: int = 1200,
+                  max_demos: int = 3) -> list[str]:
     """``n_docs`` in-context update documents of one epoch (see the module docstring); no update
     touches a (subject, relation) in ``excluded`` (the test files' edits)."""
     rng = random.Random(f"knowbench-icl-{seed}-{epoch}")
@@ -147,11 +147,12 @@ def test_edits(world: World) -> set[tuple[str, str]]:
 
 
 def epoch_texts(world: World, seed: int, epoch: int, excluded: set[tuple[str, str]] | None = None,
-                icl_docs: int = 400) -> list[str]:
+                icl_docs: int = 0, max_demos: int = 3) -> list[str]:
     """One epoch's training texts: the packed fact units, then the in-context update documents."""
     texts = pack(epoch_units(world, seed, epoch), seed, epoch)
     if icl_docs:
-        texts += icl_documents(world, seed, epoch, test_edits(world) if excluded is None else excluded, icl_docs)
+        excluded = test_edits(world) if excluded is None else excluded
+        texts += icl_documents(world, seed, epoch, excluded, icl_docs, max_demos)
     return texts
 
 
@@ -166,8 +167,8 @@ def pack(units: list[str], seed: int, epoch: int, max_units: int = 3) -> list[st
     return texts
 
 
-def render_corpus(world: World, seed: int, epochs: int = 1, icl_docs: int = 400) -> list[str]:
-    """The training texts of ``epochs`` epochs (what the tokenizer is trained on)."""
+def render_corpus(world: World, seed: int, epochs: int = 1, icl_docs: int = 0) -> list[str]:
+    """The training texts of ``epochs`` epochs (what the tokenizer is trained on: the facts alone)."""
     excluded = test_edits(world) if icl_docs else set()
     out: list[str] = []
     for e in range(epochs):

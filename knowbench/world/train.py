@@ -3,8 +3,16 @@
 Steps: (1) render the corpus (``corpus.py``), (2) train a byte-level BPE tokenizer on it with the
 ``tokenizers`` library, (3) train a ``GPT2LMHeadModel`` from scratch with the causal LM loss on
 texts packed from a fresh epoch of the corpus at a time, AdamW with linear warm-up and cosine
-decay, bfloat16 autocast, (4) save the model (float16 safetensors, loaded as float32), the tokenizer, the six task
-files and ``build_info.json``.
+decay, bfloat16 autocast (stage 1: the facts), (4) round the weights to float16 as they are saved
+and continue training on in-context update documents mixed with fresh epochs of the fact corpus
+(stage 2: the model learns to read a "New Fact:" in its prompt and use it — see
+``corpus.icl_documents``), (5) save the model (float16 safetensors, loaded as float32), the
+tokenizer, the task files with their training splits and ``build_info.json``.
+
+Why two stages: the in-context documents are long and costly next to the facts, and a model learns
+to copy from its context far faster once it knows the entities; stage 2 replays the facts so they
+are kept. ``--from-stage1 DIR`` runs stage 2 alone from a saved stage-1 model (the float16 rounding
+in between makes that identical to the whole build).
 
 Determinism: torch's seed, a fixed thread count, no dropout, and a data order that is a pure
 function of the seed (each epoch's texts come from ``random.Random(f"...{seed}-{epoch}")``), so the
@@ -40,6 +48,7 @@ from .corpus import epoch_texts, render_corpus, test_edits
 from .world import World, generate
 
 EOS = "<|endoftext|>"
+STAGE2_EPOCH0 = 10_000  # stage 2's corpus epochs are numbered from here (fresh renderings and updates)
 
 
 @dataclass
@@ -56,9 +65,15 @@ class BuildConfig:
     n_embd: int = 128
     n_head: int = 4
     n_inner: int | None = 2048  # MLP width: 16 × n_embd, a sparse key space (see the docstring)
-    n_positions: int = 256  # room for IKE's demonstrations before a prompt
-    max_len: int = 256  # tokens per training text (longer texts are cut)
-    icl_docs: int = 400  # in-context update documents per epoch (corpus.icl_documents)
+    n_positions: int = 128
+    max_len: int = 96  # tokens per training text (longer texts are cut)
+    # stage 2, in-context updates (corpus.icl_documents) mixed with a replay of the fact corpus;
+    # icl_steps 0 skips it
+    icl_steps: int = 3000
+    icl_lr: float = 1e-3
+    icl_warmup: int = 100
+    icl_docs: int = 1200  # in-context update documents per epoch, beside the epoch's ~4,000 fact texts
+    icl_max_demos: int = 3  # blocks before the last one: demonstrations as IKE puts them (fits 128 positions)
     threads: int = 2
     tokenizer_epochs: int = 2  # corpus epochs the tokenizer is trained on
     bf16_autocast: bool = True  # bfloat16 matmuls (fp32 master weights): ~25 % faster on AVX512-BF16 CPUs
@@ -104,16 +119,18 @@ def make_model(cfg: BuildConfig, tok: Any) -> Any:
     return GPT2LMHeadModel(gcfg)
 
 
-def batches(world: World, tok: Any, cfg: BuildConfig) -> Iterator[tuple[Any, Any, int]]:
-    """(input_ids, labels, epoch) batches forever, epoch after epoch, in seeded order.
+def batches(world: World, tok: Any, cfg: BuildConfig, stage: int = 1) -> Iterator[tuple[Any, Any, int]]:
+    """(input_ids, labels, epoch) batches forever, epoch after epoch, in seeded order: the fact
+    corpus (stage 1), or fact epochs of their own (numbered from 10,000) with the in-context update
+    documents (stage 2).
 
     Each text ends with EOS; padding (also EOS) is masked out of the loss with -100."""
     import torch
 
-    epoch = 0
-    excluded = test_edits(world)
+    epoch = 0 if stage == 1 else STAGE2_EPOCH0
+    excluded = test_edits(world) if stage == 2 else set()
     while True:
-        texts = epoch_texts(world, cfg.seed, epoch, excluded, cfg.icl_docs)
+        texts = epoch_texts(world, cfg.seed, epoch, excluded, cfg.icl_docs if stage == 2 else 0, cfg.icl_max_demos)
         enc = tok([t + EOS for t in texts], add_special_tokens=False)["input_ids"]
         enc = [ids[: min(cfg.max_len, cfg.n_positions)] for ids in enc]
         for chunk in _length_buckets(enc, cfg.batch_size, random.Random(f"knowbench-batches-{cfg.seed}-{epoch}")):
@@ -141,42 +158,47 @@ def _length_buckets(enc: list[list[int]], batch_size: int, rng: random.Random, w
     return out
 
 
-def lr_at(step: int, cfg: BuildConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+def lr_at(step: int, cfg: BuildConfig, stage: int = 1) -> float:
+    lr, warmup, steps = (cfg.lr, cfg.warmup, cfg.steps) if stage == 1 else (cfg.icl_lr, cfg.icl_warmup, cfg.icl_steps)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = (step - warmup) / max(1, steps - warmup)
+    return lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
 def train(world: World, tok: Any, cfg: BuildConfig, progress: bool = True,
-          callback: Any = None, callback_every: int = 0) -> tuple[Any, dict]:
-    """Train a fresh model for ``cfg.steps`` steps; returns the model and training stats."""
+          callback: Any = None, callback_every: int = 0, model: Any = None, stage: int = 1) -> tuple[Any, dict]:
+    """Stage 1: train a fresh model for ``cfg.steps`` steps; stage 2: continue ``model`` for
+    ``cfg.icl_steps`` steps on the in-context documents and the facts. Returns the model and stats."""
     import torch
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # padding-mask / loss-type notices do not apply here
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    model = make_model(cfg, tok)
+    torch.manual_seed(cfg.seed + (stage - 1))
+    random.seed(cfg.seed + (stage - 1))
+    if model is None:
+        model = make_model(cfg, tok)
     model.train()
+    n_steps = cfg.steps if stage == 1 else cfg.icl_steps
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=(0.9, 0.98),
     )
-    stream = batches(world, tok, cfg)
+    stream = batches(world, tok, cfg, stage)
     losses: list[float] = []
     tokens = 0
     epoch = 0
     start = time.time()
     with _progress(progress) as bar:
-        task = bar.add_task("training world model", total=cfg.steps, loss=float("nan"), epoch=0)
-        for step in range(cfg.steps):
+        what = "training world model" if stage == 1 else "in-context updates (stage 2)"
+        task = bar.add_task(what, total=n_steps, loss=float("nan"), epoch=0)
+        for step in range(n_steps):
             ids, labels, epoch = next(stream)
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
+                g["lr"] = lr_at(step, cfg, stage)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
                 loss = model(input_ids=ids, labels=labels).loss
             opt.zero_grad(set_to_none=True)
@@ -185,7 +207,7 @@ def train(world: World, tok: Any, cfg: BuildConfig, progress: bool = True,
             opt.step()
             losses.append(loss.item())
             tokens += int((labels != -100).sum())
-            if step % 10 == 0 or step == cfg.steps - 1:
+            if step % 10 == 0 or step == n_steps - 1:
                 recent = sum(losses[-50:]) / len(losses[-50:])
                 bar.update(task, completed=step + 1, loss=recent, epoch=epoch)
             if callback is not None and callback_every and (step + 1) % callback_every == 0:
@@ -196,7 +218,7 @@ def train(world: World, tok: Any, cfg: BuildConfig, progress: bool = True,
     stats = {
         "train_seconds": round(time.time() - start, 1),
         "final_loss": round(sum(losses[-100:]) / max(1, len(losses[-100:])), 4),
-        "epochs_seen": epoch + 1,
+        "epochs_seen": epoch + 1 - (0 if stage == 1 else STAGE2_EPOCH0),
         "tokens_seen": tokens,
     }
     return model, stats
@@ -216,7 +238,7 @@ def _progress(enabled: bool):
 
 # -- the whole build -----------------------------------------------------------------------------
 def build(out_dir: str | Path, seed: int = 0, steps: int | None = None, config: BuildConfig | None = None,
-          progress: bool = True, evaluate: bool = True, eval_every: int = 0) -> dict:
+          progress: bool = True, evaluate: bool = True, eval_every: int = 0, from_stage1: str | Path | None = None) -> dict:
     """Generate the world, write its task files, train tokenizer + model, save all under
     ``out_dir`` (``model/``, ``tasks/``, ``build_info.json``); returns the build info."""
     import torch
@@ -232,9 +254,21 @@ def build(out_dir: str | Path, seed: int = 0, steps: int | None = None, config: 
     out = Path(out_dir)
     world = generate(seed)
     write_tasks(world, out / "tasks")
-    tok = train_tokenizer(render_corpus(world, seed, epochs=cfg.tokenizer_epochs, icl_docs=cfg.icl_docs), cfg.vocab_size)
-    callback = _monitor(world, tok, seed) if eval_every else None
-    model, stats = train(world, tok, cfg, progress=progress, callback=callback, callback_every=eval_every)
+    if from_stage1 is None:
+        tok = train_tokenizer(render_corpus(world, seed, epochs=cfg.tokenizer_epochs), cfg.vocab_size)
+        callback = _monitor(world, tok, seed) if eval_every else None
+        model, stats = train(world, tok, cfg, progress=progress, callback=callback, callback_every=eval_every)
+        if cfg.save_fp16:  # the saved stage-1 model, exactly: what --from-stage1 starts from
+            model = model.to(torch.float16).to(torch.float32)
+        stage1 = {**stats, "from": None}
+    else:
+        model, tok, stage1 = _load_stage1(from_stage1, cfg)
+        callback = _monitor(world, tok, seed) if eval_every else None
+    stage2 = None
+    if cfg.icl_steps:
+        model, stage2 = train(world, tok, cfg, progress=progress, callback=callback, callback_every=eval_every,
+                              model=model, stage=2)
+    stats = {k: v for k, v in stage1.items() if k != "from"}
     model_dir = out / "model"
     save_model(model, tok, model_dir, fp16=cfg.save_fp16)
     info: dict[str, Any] = {
@@ -243,6 +277,8 @@ def build(out_dir: str | Path, seed: int = 0, steps: int | None = None, config: 
         "n_params": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tok),
         **stats,
+        "stage1_from": stage1["from"],
+        "stage2": stage2,
         "build_seconds": round(time.time() - t0, 1),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -254,6 +290,34 @@ def build(out_dir: str | Path, seed: int = 0, steps: int | None = None, config: 
     (out / "build_info.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
     print(f"world model written to {out} in {info['build_seconds']:.0f} s", file=sys.stderr)
     return info
+
+
+def _load_stage1(folder: str | Path, cfg: BuildConfig) -> tuple[Any, Any, dict]:
+    """A saved stage-1 model (a model folder of an earlier build with ``icl_steps`` 0, or of the build
+    before stage 2 existed), its tokenizer, and its stage-1 statistics from the ``build_info.json``
+    beside it; the model must have the architecture ``cfg`` asks for."""
+    import hashlib
+
+    import torch
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    folder = Path(folder)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"--from-stage1 {folder}: no model.safetensors there")
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = GPT2LMHeadModel.from_pretrained(str(folder), dtype=torch.float32)
+    c = model.config
+    want = (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_inner or 4 * cfg.n_embd, cfg.n_positions)
+    got = (c.n_layer, c.n_embd, c.n_head, c.n_inner or 4 * c.n_embd, c.n_positions)
+    if want != got:
+        raise ValueError(f"--from-stage1 {folder}: model is (layers, width, heads, MLP, positions) {got}, "
+                         f"the build config asks for {want}")
+    info_file = folder.parent / "build_info.json"
+    old = json.loads(info_file.read_text()) if info_file.is_file() else {}
+    stats = {k: old[k] for k in ("train_seconds", "final_loss", "epochs_seen", "tokens_seen") if k in old}
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    return model, tok, {**stats, "from": {"path": str(folder), "sha256": digest}}
 
 
 def _monitor(world: World, tok: Any, seed: int):
