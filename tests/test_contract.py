@@ -48,7 +48,7 @@ class PrefixEditor(Editor):
 
     def apply(self, requests):
         for r in requests:
-            self.facts[r.record_index] = f"{r.prompt} {r.target_new}."
+            self.facts[r.record_index] = f"New Fact: {r.prompt} {r.target_new}\\nPrompt:"
         return EditOutcome(changed_params=[])
 
     def rewrite_prompts(self, prompts, owners):
@@ -417,3 +417,30 @@ def test_core_imports_and_names_no_plugin():
             if text.strip().lower() in names - ALLOWED.get(rel, set()):
                 problems.append(f"{rel}:{line}: {text!r}")
     assert not problems, "\n".join(problems)
+
+
+def test_train_command_line_and_resume_message(toys, zsre_file, capsys):
+    """`knowbench train` from the command line stores the artefact `knowbench run` then uses; a
+    folder left by a killed training is named as resumable in run's message."""
+    from knowbench.artefacts import artefact_key
+    from knowbench.cli import main
+    from knowbench.editor import hparams_hash
+    from knowbench.runconfig import RunError
+    from knowbench.runner import RunConfig, run
+    from knowbench.results import sha256_file
+
+    args = ["--editor", "toy-memo", "--task", "zsre", "--data", str(zsre_file), "--model", "random-gpt2",
+            "--train-data", str(zsre_file)]
+    key = artefact_key("toy-memo", "random-gpt2", sha256_file(zsre_file), hparams_hash(toys.NoHparams()), 0)
+    folder = Path(__import__("os").environ["KNOWBENCH_CACHE"]) / "editors" / "toy-memo" / key
+    folder.mkdir(parents=True)
+    (folder / "checkpoint.pt").write_bytes(b"partial")
+    cfg = RunConfig(editor="toy-memo", task="zsre", data=str(zsre_file), model="random-gpt2",
+                    train_data=str(zsre_file), limit=2, fluency=False)
+    with pytest.raises(RunError, match="not finished; the command resumes it"):
+        run(cfg)
+    assert main(["train", *args]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["key"] == key and out["reused"] is False
+    assert run(cfg)["editor"]["artefact"]["key"] == key
+    assert main(["train", *args]) == 0 and json.loads(capsys.readouterr().out)["reused"] is True

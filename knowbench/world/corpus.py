@@ -92,7 +92,7 @@ def epoch_units(world: World, seed: int, epoch: int, bio_fraction: float = 0.25,
 
 
 ICL_RELATIONS = ("birthplace", "occupation", "employer", "spouse", "award")
-ICL_KINDS = (("copy", 0.3), ("update", 0.4), ("retain", 0.3))
+ICL_KINDS = (("copy", 0.45), ("update", 0.35), ("retain", 0.2))
 
 
 def icl_block(rng: random.Random, world: World, subject: str, relation: str, new: str, kind: str) -> str:

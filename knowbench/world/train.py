@@ -69,10 +69,10 @@ class BuildConfig:
     max_len: int = 96  # tokens per training text (longer texts are cut)
     # stage 2, in-context updates (corpus.icl_documents) mixed with a replay of the fact corpus;
     # icl_steps 0 skips it
-    icl_steps: int = 3000
-    icl_lr: float = 1e-3
+    icl_steps: int = 4000
+    icl_lr: float = 2e-3
     icl_warmup: int = 100
-    icl_docs: int = 1200  # in-context update documents per epoch, beside the epoch's ~4,000 fact texts
+    icl_docs: int = 4000  # in-context update documents per epoch, beside the epoch's ~4,000 fact texts
     icl_max_demos: int = 3  # blocks before the last one: demonstrations as IKE puts them (fits 128 positions)
     threads: int = 2
     tokenizer_epochs: int = 2  # corpus epochs the tokenizer is trained on
