@@ -38,6 +38,25 @@ class FTHparams:
     stop_loss: float = 1e-2
 
 
+def target_batch(tok: Any, model: Any, requests: list[EditRequest], editor: str):
+    """Token ids of "{prompt} {target}" (right-padded), the mask, labels only on the target tokens
+    (−100 elsewhere) and the (ids, target start) spans. A prompt too long for the model's context
+    loses tokens at its start (as scoring does); a target that cannot fit is a ValueError naming
+    the editor and the record. Shared by the editors trained on the target's NLL (FT, LoRA)."""
+    spans = target_spans(tok, [(r.prompt, r.target_new) for r in requests])
+    limit, bos = _max_positions(model), getattr(tok, "bos_token_id", None)
+    try:
+        spans = [_fit(ids, start, limit, r.record_index, bos) for r, (ids, start) in zip(requests, spans)]
+    except ValueError as exc:
+        raise ValueError(f"{editor}: {exc}") from None
+    # right padding keeps positions 0..n-1 without explicit position ids
+    input_ids, mask, _, _ = pad_batch([ids for ids, _ in spans], pad_id(tok), "right")
+    labels = torch.full_like(input_ids, -100)
+    for row, (ids, start) in enumerate(spans):
+        labels[row, start : len(ids)] = torch.tensor(ids[start:])
+    return input_ids, mask, labels, spans
+
+
 def _default_layer(n_layers: int) -> int:
     return min(n_layers - 1, int(n_layers * 21 / 32))
 
@@ -64,21 +83,7 @@ class _FineTune(WeightEditor):
         return [Site(self.layer, self.adapter.rewrite_name(self.layer), self.param_name, second_moment=None)]
 
     def _batch(self, requests: list[EditRequest]):
-        """Token ids of prompt + target, with labels only where the loss reads them. A prompt too
-        long for the model's context loses tokens at its start (as scoring does); a target that
-        cannot fit is a ValueError naming the record."""
-        spans = target_spans(self.tok, [(r.prompt, r.target_new) for r in requests])
-        limit, bos = _max_positions(self.model), getattr(self.tok, "bos_token_id", None)
-        try:
-            spans = [_fit(ids, start, limit, r.record_index, bos) for r, (ids, start) in zip(requests, spans)]
-        except ValueError as exc:
-            raise ValueError(f"{self.name}: {exc}") from None
-        # right padding keeps positions 0..n-1 without explicit position ids
-        input_ids, mask, _, _ = pad_batch([ids for ids, _ in spans], pad_id(self.tok), "right")
-        labels = torch.full_like(input_ids, -100)
-        for row, (ids, start) in enumerate(spans):
-            labels[row, start : len(ids)] = torch.tensor(ids[start:])
-        return input_ids, mask, labels, spans
+        return target_batch(self.tok, self.model, requests, self.name)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor, spans) -> torch.Tensor:
         logp = F.log_softmax(logits.float(), dim=-1)

@@ -52,9 +52,8 @@ import torch
 from torch import nn
 
 from knowbench.editor import ChangeKind, Editor, EditOutcome, EditRequest, RunContext
-from knowbench.scoring import _fit, _max_positions, target_spans
-from knowbench.tokens import pad_batch, pad_id
 
+from .ft import target_batch
 from .hparams_yaml import find_hparams_file
 
 SEMANTICS = "easyedit@14cea82"
@@ -214,16 +213,7 @@ class _PeftAdapters(Editor):
         """Ids of "{prompt} {target}" (right-padded) and labels: the target tokens, −100 elsewhere.
         A prompt too long for the context loses its start; a target that cannot fit is a
         ValueError naming the record (the same fitting as FT-M and scoring)."""
-        spans = target_spans(self.tok, [(r.prompt, r.target_new) for r in requests])
-        limit, bos = _max_positions(self.model), getattr(self.tok, "bos_token_id", None)
-        try:
-            spans = [_fit(ids, start, limit, r.record_index, bos) for r, (ids, start) in zip(requests, spans)]
-        except ValueError as exc:
-            raise ValueError(f"{self.name}: {exc}") from None
-        input_ids, mask, _, _ = pad_batch([ids for ids, _ in spans], pad_id(self.tok), "right")
-        labels = torch.full_like(input_ids, -100)
-        for row, (ids, start) in enumerate(spans):
-            labels[row, start : len(ids)] = torch.tensor(ids[start:])
+        input_ids, mask, labels, _ = target_batch(self.tok, self.model, requests, self.name)
         return input_ids, mask, labels
 
     def loss(self, input_ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
