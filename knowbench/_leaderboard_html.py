@@ -34,12 +34,12 @@ PAGE = """<!DOCTYPE html>
   table.kb th[aria-sort="descending"] button::after { content: " \\25BC"; font-size: .7em; }
   table.kb tbody tr:hover { background: #f7f9fc; }
   code { background: #f2f4f8; padding: 0 .25rem; border-radius: 3px; }
-  table.knowedit { border-collapse: collapse; margin-bottom: .4rem; font-variant-numeric: tabular-nums; }
-  table.knowedit th, table.knowedit td { padding: .25rem .6rem; border-bottom: 1px solid #e3e7ee; text-align: right; }
-  table.knowedit thead th { background: #f2f4f8; white-space: nowrap; }
+  table.knowedit, table.lifelong { border-collapse: collapse; margin-bottom: .4rem; font-variant-numeric: tabular-nums; }
+  table.knowedit th, table.knowedit td, table.lifelong th, table.lifelong td { padding: .25rem .6rem; border-bottom: 1px solid #e3e7ee; text-align: right; }
+  table.knowedit thead th, table.lifelong thead th { background: #f2f4f8; white-space: nowrap; }
   table.knowedit thead th:nth-child(-n+2) { text-align: left; }
   table.knowedit th[scope="rowgroup"], table.knowedit th[scope="row"] { text-align: left; font-weight: 600; }
-  table.knowedit th[scope="row"] { font-weight: normal; white-space: nowrap; }
+  table.knowedit th[scope="row"], table.lifelong th[scope="row"] { font-weight: normal; white-space: nowrap; }
   table.knowedit tr.task th { background: #f7f9fc; }
   p.footnote { color: #4a5468; font-size: .9em; max-width: 60rem; margin: .2rem 0; }
 </style>

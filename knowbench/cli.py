@@ -230,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ls(sub)
     _add_world(sub)
     from .knowedit_table import add_knowedit_table
+    from .lifelong_table import add_lifelong_table
     from .leaderboard import add_leaderboard, add_submit
     from .metric_protocol import add_metric_protocols
     from .schema import add_schema
@@ -243,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_leaderboard(sub)
     add_metric_protocols(sub)
     add_knowedit_table(sub)
+    add_lifelong_table(sub)
     from .plots import add_plot
     from .study import add_superposition
 
