@@ -126,7 +126,7 @@ class LifelongTable:
         datas = sorted({c.data for c in self.cells.values()})
         data = ", ".join(f"{n} ({h})" for n, h in datas)
         seeds = sorted({len(c.seeds) for c in self.cells.values()})
-        parts = [f"Cells: Edit Succ. / Rephrase / Locality after T sequential edits (×100, post-edit; Locality "
+        parts = ["Cells: Edit Succ. / Rephrase / Locality after T sequential edits (×100, post-edit; Locality "
                  "against the unedited model)",
                  "each: every edit scored right after it was applied; final: all edits scored on the final "
                  "model (the WISE / AlphaEdit protocol); bN: the stream applied in turns of N edits",
