@@ -34,8 +34,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    "file order; the chosen indices are recorded in the result)")
     p.add_argument("--sequential", type=int, default=None, metavar="T", help="lifelong protocol: apply T "
                    "edits one after another without restoring the weights")
-    p.add_argument("--eval-timing", choices=("each", "final"), default="each", help="sequential protocol: "
-                   "evaluate each edit right after it is applied (each) or all edits on the final model (final)")
+    p.add_argument("--eval-timing", choices=("each", "final", "both"), default="each", help="sequential "
+                   "protocol: evaluate each edit right after it is applied (each), all edits on the final model "
+                   "(final), or both from one stream of edits (both: two result files, --output FILE giving "
+                   "FILE-each.json and FILE-final.json)")
     p.add_argument("--batch-size", type=int, default=None, metavar="B", help="edits per update: without "
                    "--sequential this is the batch protocol; with it, T edits are applied B at a time")
     p.add_argument("--curve-every", type=int, default=None, metavar="K", help="sequential protocol: "
@@ -89,7 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from .report import print_result
     from .results import write_json_atomic, write_jsonl_atomic
-    from .runner import RunConfig, default_output, finish, run
+    from .runner import RunConfig, default_output, finish, run_all
 
     cfg = RunConfig(
         editor=args.editor, task=args.task, model=args.model, data=args.data, limit=args.limit,
@@ -114,24 +116,29 @@ def cmd_run(args: argparse.Namespace) -> int:
             why = str(exc).split(": ", 1)[-1]
             raise RunError(f"--output not given, and its default folder results/ cannot be written: {why}; "
                            "pass --output FILE") from None
-    result = run(cfg)
-    records = result.pop("_records")
-    result = finish(result)
-    out = Path(args.output) if args.output else default_output(result)
-    write_json_atomic(out, result)
     from .runner import PROGRESS
 
-    PROGRESS.stage, PROGRESS.output = "written", str(out)
-    if args.log_records:
-        write_jsonl_atomic(args.log_records, records)
-        log.info("per-record log: %s", args.log_records)
-    if args.json:
-        import json
+    results = run_all(cfg)
+    for result in results:
+        records = result.pop("_records")
+        result = finish(result)
+        timing = result["protocol"]["eval_timing"]
+        out, log_path = Path(args.output) if args.output else default_output(result), args.log_records
+        if len(results) > 1:  # --eval-timing both: one file per timing
+            out = out.with_name(f"{out.stem}-{timing}{out.suffix}") if args.output else out
+            log_path = log_path and str(Path(log_path).with_name(f"{Path(log_path).stem}-{timing}{Path(log_path).suffix}"))
+        write_json_atomic(out, result)
+        PROGRESS.stage, PROGRESS.output = "written", str(out)
+        if log_path:
+            write_jsonl_atomic(log_path, records)
+            log.info("per-record log: %s", log_path)
+        if args.json:
+            import json
 
-        print(json.dumps(result, indent=1))
-    else:
-        print_result(result, Console())
-    log.info("result written to %s", out)
+            print(json.dumps(result, indent=1))
+        else:
+            print_result(result, Console())
+        log.info("result written to %s", out)
     return 0
 
 

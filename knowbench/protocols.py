@@ -4,8 +4,10 @@
 * :class:`Batch`       B edits in one update on the original model, evaluated, restored;
 * :class:`Sequential`  T edits applied one after another (in updates of B) without restoring,
                        evaluated right after each update (``each``) or all on the final model
-                       (``final``); locality always against the unedited model. ``curve_every``
-                       adds a lifelong curve: a fixed probe subset evaluated every k edits.
+                       (``final``), or both from one stream (``both``: the runner writes one
+                       result per timing); locality always against the unedited model.
+                       ``curve_every`` adds a lifelong curve: a fixed probe subset evaluated every
+                       k edits.
 
 A protocol says how the selected records are cut into applies, whether the model is restored
 after each apply, when records are scored, and writes its block of the result
@@ -14,6 +16,7 @@ after each apply, when records are scored, and writes its block of the result
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -41,8 +44,22 @@ class Single:
 
     @property
     def score_after_apply(self) -> bool:
-        """Whether an apply's records are scored right after it (else all on the final model)."""
-        return self.eval_timing == "each"
+        """Whether an apply's records are scored right after it."""
+        return self.eval_timing in ("each", "both")
+
+    @property
+    def score_at_end(self) -> bool:
+        """Whether all records are scored on the final model."""
+        return self.eval_timing in ("final", "both")
+
+    @property
+    def timings(self) -> tuple[str, ...]:
+        """The evaluation timings this protocol reports: one result each."""
+        return ("each", "final") if self.eval_timing == "both" else (self.eval_timing,)
+
+    def with_timing(self, timing: str) -> "Single":
+        """This protocol as the result of one of its timings records it."""
+        return dataclasses.replace(self, eval_timing=timing) if self.eval_timing != timing else self
 
     def n_wanted(self, limit: int | None) -> int | None:
         return limit
@@ -88,8 +105,10 @@ class Sequential(Single):
 def from_options(*, sequential: int | None, batch_size: int | None, eval_timing: str,
                  curve_every: int | None, curve_probes: int) -> Single:
     """The protocol that run options name; bad options are a ValueError naming the flag."""
-    if eval_timing not in ("each", "final"):
-        raise ValueError(f"--eval-timing must be 'each' or 'final', not {eval_timing!r}")
+    if eval_timing not in ("each", "final", "both"):
+        raise ValueError(f"--eval-timing must be 'each', 'final' or 'both', not {eval_timing!r}")
+    if eval_timing == "both" and not sequential:
+        raise ValueError("--eval-timing both needs --sequential T (single and batch edits are scored once)")
     if sequential is not None and sequential < 1:
         raise ValueError("--sequential T needs T >= 1")
     if batch_size is not None and batch_size < 1:

@@ -129,7 +129,19 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     """One run: check the options (:func:`preflight`), load, select, check the records against the
     model's context, set the editor up, score before, edit under the protocol (observers notified
     after every apply), score after, and return the result (a dict of the
-    ``knowbench.schema.Result`` shape, validated, not yet sealed; ``_records`` holds the per-record log)."""
+    ``knowbench.schema.Result`` shape, validated, not yet sealed; ``_records`` holds the per-record log).
+    ``--eval-timing both`` makes two results: use :func:`run_all`."""
+    results = run_all(cfg)
+    if len(results) != 1:
+        raise RunError("--eval-timing both makes one result per timing: call runner.run_all")
+    return results[0]
+
+
+def run_all(cfg: RunConfig) -> list[dict[str, Any]]:
+    """:func:`run`'s results: one, or with ``--eval-timing both`` two from one stream of edits —
+    each edit scored right after it (``each``) and all scored on the final model (``final``). The
+    evaluations between edits run on a saved and restored random state, so the edits, and the final
+    model, are those of a ``--eval-timing final`` run."""
     t_start = time.perf_counter()
     PROGRESS.reset()
     pf = preflight(cfg)
@@ -182,72 +194,83 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                                            editor_info.name, n_asked)
     PROGRESS.stage = "finished"
 
-    post = [loop.post[r.index] for r in records]
-    result: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "knowbench": {"version": __version__, "git_commit": git_commit()},
-        "editor": {
-            "name": editor_info.name,
-            "distribution": editor_info.dist,
-            "version": editor_info.dist_version,
-            "hparams": hparams_to_dict(hp),
-            "hparams_hash": hparams_hash(hp),
-            "hparams_file": cfg.hparams,
-            "provenance": editor.provenance(),
-            "kind": editor_cls.kind.value,
-            "artefact": artefact,
-        },
-        "model": {
-            "id": model_name,
-            "source": lm.source,
-            "path": lm.path,
-            "revision": lm.revision,
-            "model_type": lm.model.config.model_type,
-            "dtype": cfg.dtype,
-            "device": cfg.device,
-            "n_params": lm.n_params,
-            "default": cfg.model is None,
-        },
-        "task": {
-            "name": task.name,
-            "knowedit_name": task.knowedit_name,
-            "kind": task.kind,
-            "version": task.version,
-            "distribution": task_info.dist,
-            "format": report.format,
-            "data_files": [{"path": str(p), "sha256": sha256_file(p)} for p in report.files],
-            "default_data": cfg.data is None,
-            "n_records_in_file": report.n_raw,
-            "n_records_usable": len(report.records),
-            "bad_records": [asdict(b) for b in report.bad],
-            "selection": selection,
-            "metric_family": family.spec.model_dump(),
-        },
-        "protocol": protocol.info(len(records), cfg.seed, cfg.fluency, len(loop.probes), metrics.info()),
-        "metrics": {"pre": summarise(pre_scores, family.spec), "post": summarise(post, family.spec)},
-        "curve": loop.curve,
-        "edits": loop.edits,
-        "timings": {
-            "load_model_s": round(load_s, 3),
-            "editor_prepare_s": round(prepare_s, 3),
-            "pre_eval_s": round(pre_s, 3),
-            "edit_s": round(loop.edit_s, 3),
-            "edit_ms_per_edit": round(1000 * loop.edit_s / len(records), 3),
-            "post_eval_s": round(loop.eval_s, 3),
-            "total_s": round(time.perf_counter() - t_start, 3),
-            "peak_memory_mb": round(peak_memory_mb(), 1),
-        },
-        "environment": environment(),
-        "config": asdict(cfg),
-        "diagnostics": observer.result(post, protocol.eval_timing) if observer is not None else None,
-    }
-    if result["diagnostics"] is None:
-        del result["diagnostics"]
-    result["records"] = [{"index": r.index, "pre": p.values, "post": q.values}
-                         for r, p, q in zip(records, pre_scores, post)]
-    ResultBody.model_validate(result)  # the one result model (sealed later): a runner that drifts from it fails here
-    result["_records"] = _record_log(records, result["records"])  # popped by the caller
-    return result
+    def result_of(timing: str) -> dict[str, Any]:
+        """The result of one evaluation timing (validated, not sealed)."""
+        both = protocol.eval_timing == "both"
+        scored, eval_s = (loop.post_final, loop.eval_final_s) if both and timing == "final" else (loop.post, loop.eval_s)
+        post = [scored[r.index] for r in records]
+        config = asdict(cfg)
+        if both:  # this file alone is reproduced by a run with its own timing
+            config["eval_timing"] = timing
+            config["extra"] = {**config.get("extra", {}), "eval_timing_both": True}
+        proto = protocol.with_timing(timing)
+        result: dict[str, Any] = {
+            "schema_version": SCHEMA_VERSION,
+            "knowbench": {"version": __version__, "git_commit": git_commit()},
+            "editor": {
+                "name": editor_info.name,
+                "distribution": editor_info.dist,
+                "version": editor_info.dist_version,
+                "hparams": hparams_to_dict(hp),
+                "hparams_hash": hparams_hash(hp),
+                "hparams_file": cfg.hparams,
+                "provenance": editor.provenance(),
+                "kind": editor_cls.kind.value,
+                "artefact": artefact,
+            },
+            "model": {
+                "id": model_name,
+                "source": lm.source,
+                "path": lm.path,
+                "revision": lm.revision,
+                "model_type": lm.model.config.model_type,
+                "dtype": cfg.dtype,
+                "device": cfg.device,
+                "n_params": lm.n_params,
+                "default": cfg.model is None,
+            },
+            "task": {
+                "name": task.name,
+                "knowedit_name": task.knowedit_name,
+                "kind": task.kind,
+                "version": task.version,
+                "distribution": task_info.dist,
+                "format": report.format,
+                "data_files": [{"path": str(p), "sha256": sha256_file(p)} for p in report.files],
+                "default_data": cfg.data is None,
+                "n_records_in_file": report.n_raw,
+                "n_records_usable": len(report.records),
+                "bad_records": [asdict(b) for b in report.bad],
+                "selection": selection,
+                "metric_family": family.spec.model_dump(),
+            },
+            "protocol": proto.info(len(records), cfg.seed, cfg.fluency, len(loop.probes), metrics.info()),
+            "metrics": {"pre": summarise(pre_scores, family.spec), "post": summarise(post, family.spec)},
+            "curve": loop.curve,
+            "edits": loop.edits,
+            "timings": {
+                "load_model_s": round(load_s, 3),
+                "editor_prepare_s": round(prepare_s, 3),
+                "pre_eval_s": round(pre_s, 3),
+                "edit_s": round(loop.edit_s, 3),
+                "edit_ms_per_edit": round(1000 * loop.edit_s / len(records), 3),
+                "post_eval_s": round(eval_s, 3),
+                "total_s": round(time.perf_counter() - t_start, 3),
+                "peak_memory_mb": round(peak_memory_mb(), 1),
+            },
+            "environment": environment(),
+            "config": config,
+            "diagnostics": observer.result(post, timing) if observer is not None else None,
+        }
+        if result["diagnostics"] is None:
+            del result["diagnostics"]
+        result["records"] = [{"index": r.index, "pre": p.values, "post": q.values}
+                             for r, p, q in zip(records, pre_scores, post)]
+        ResultBody.model_validate(result)  # the one result model (sealed later): a runner that drifts from it fails here
+        result["_records"] = _record_log(records, result["records"])  # popped by the caller
+        return result
+
+    return [result_of(t) for t in protocol.timings]
 
 
 def _select_records(cfg: RunConfig, task: Any, protocol: Any, metrics: MetricProtocol) -> tuple[LoadReport, list[EditRecord], dict[str, Any]]:
@@ -346,6 +369,8 @@ class _Loop:
     probes: list[EditRecord] = field(default_factory=list)
     edit_s: float = 0.0
     eval_s: float = 0.0
+    post_final: dict[int, RecordScores] = field(default_factory=dict)  # --eval-timing both: the final model's
+    eval_final_s: float = 0.0
     failed: dict[int, str] = field(default_factory=dict)  # record index -> why the editor refused it
 
 
@@ -379,8 +404,11 @@ def _edit(cfg: RunConfig, protocol: Any, editor: Editor, evaluator: Evaluator, r
             edited.update(r.index for r in chunk)
             if protocol.score_after_apply:
                 t0 = time.perf_counter()
-                for s in evaluator.evaluate(chunk, ref, editor.rewrite_prompts):
-                    loop.post[s.index] = s
+                # with both timings, scoring between edits must not move the random state the edits
+                # draw from, or the final model would differ from a --eval-timing final run's
+                with _rng_kept(protocol.eval_timing == "both"):
+                    for s in evaluator.evaluate(chunk, ref, editor.rewrite_prompts):
+                        loop.post[s.index] = s
                 loop.eval_s += time.perf_counter() - t0
             if not protocol.accumulates:
                 editor.restore()
@@ -392,15 +420,40 @@ def _edit(cfg: RunConfig, protocol: Any, editor: Editor, evaluator: Evaluator, r
             advance(len(given))
         if loop.probes and loop.curve[-1]["edits"] != done:
             loop.curve.append(_curve_point(evaluator, loop.probes, edited, ref, editor, done))
-    if not protocol.score_after_apply:
+    if protocol.score_at_end:
         PROGRESS.stage = "evaluating the edits"
         t0 = time.perf_counter()
         edited_records = [r for r in records if r.index not in loop.failed]
         log.info("evaluating all %d edits on the final model", len(edited_records))
+        into = loop.post_final if protocol.score_after_apply else loop.post
         for s in evaluator.evaluate(edited_records, ref, editor.rewrite_prompts):
-            loop.post[s.index] = s
-        loop.eval_s += time.perf_counter() - t0
+            into[s.index] = s
+        if protocol.score_after_apply:
+            loop.eval_final_s += time.perf_counter() - t0
+        else:
+            loop.eval_s += time.perf_counter() - t0
     return loop
+
+
+class _rng_kept:
+    """Restore Python's, NumPy's and torch's random states on exit (when ``active``)."""
+
+    def __init__(self, active: bool):
+        self.active = active
+
+    def __enter__(self) -> None:
+        if self.active:
+            self.states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                           torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.active:
+            py, npy, cpu, cuda = self.states
+            random.setstate(py)
+            np.random.set_state(npy)
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
 
 
 def _apply(editor: Editor, chunk: Sequence[EditRecord], protocol: Any, failed: dict[int, str]) -> tuple[Sequence[EditRecord], Any]:

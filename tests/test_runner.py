@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from knowbench.cli import main
 from knowbench.runner import RunConfig, RunError, finish, run
@@ -318,3 +319,63 @@ def test_result_files_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert not [p for p in tmp_path.rglob("*.tmp")]
+
+
+def _post(r):
+    return [(x["index"], x["post"]) for x in r["records"]]
+
+
+@pytest.mark.parametrize("rng_in_eval", [False, True])
+def test_eval_timing_both_equals_the_two_runs(zsre_file, monkeypatch, rng_in_eval):
+    """--eval-timing both: one stream of edits, two results. Here every FT-M edit draws its learning
+    rate from torch's random state, so the final model is a final-timing run's only if scoring between
+    edits leaves that state as it found it; with an evaluation that draws random numbers itself
+    (rng_in_eval), the final result must still equal the final-timing run's."""
+    import dataclasses
+
+    from knowbench.editors.ft import FTM
+    from knowbench.runner import run_all
+
+    apply = FTM.apply
+
+    def random_lr(self, requests):
+        self.hparams = dataclasses.replace(self.hparams, lr=self.hparams.lr * float(0.5 + torch.rand(())))
+        return apply(self, requests)
+
+    monkeypatch.setattr(FTM, "apply", random_lr)
+    if rng_in_eval:
+        from knowbench.evaluation import Evaluator
+
+        evaluate = Evaluator.evaluate
+
+        def drawing(self, *a, **kw):
+            torch.rand(3)  # an evaluation that consumes randomness
+            return evaluate(self, *a, **kw)
+
+        monkeypatch.setattr(Evaluator, "evaluate", drawing)
+    kw = dict(editor=FT, task="zsre", data=str(zsre_file), model="random-gpt2", fluency=False,
+              sequential=5, curve_every=2, curve_probes=2)
+    each, final = run_all(RunConfig(eval_timing="both", **kw))
+    assert (each["protocol"]["eval_timing"], final["protocol"]["eval_timing"]) == ("each", "final")
+    assert each["config"]["eval_timing"] == "each" and final["config"]["extra"]["eval_timing_both"]
+    alone_final = run(RunConfig(eval_timing="final", **kw))
+    assert _post(final) == _post(alone_final) and final["metrics"] == alone_final["metrics"]
+    assert final["curve"] == alone_final["curve"]
+    if not rng_in_eval:  # scoring draws nothing: the each-timing run is the same stream too
+        alone_each = run(RunConfig(eval_timing="each", **kw))
+        assert _post(each) == _post(alone_each) and each["metrics"] == alone_each["metrics"]
+    assert _post(each) != _post(final)  # the two timings really are different measurements
+    with pytest.raises(RunError, match="run_all"):
+        run(RunConfig(eval_timing="both", **kw))
+
+
+def test_eval_timing_both_through_the_cli_writes_two_files(zsre_file, tmp_path):
+    out = tmp_path / "out" / "r.json"
+    assert main(["run", "--editor", FT, "--task", "zsre", "--model", "random-gpt2", "--data", str(zsre_file),
+                 "--sequential", "3", "--eval-timing", "both", "--no-fluency", "--output", str(out)]) == 0
+    files = sorted(p.name for p in out.parent.glob("*.json"))
+    assert files == ["r-each.json", "r-final.json"]
+    for name, timing in (("r-each.json", "each"), ("r-final.json", "final")):
+        assert json.loads((out.parent / name).read_text())["protocol"]["eval_timing"] == timing
+    assert main(["run", "--editor", FT, "--task", "zsre", "--model", "random-gpt2", "--data", str(zsre_file),
+                 "--limit", "2", "--eval-timing", "both"]) == 2  # needs --sequential
