@@ -512,7 +512,8 @@ class MEND(WeightEditor):
         n = max(1, len(examples))
         out = {k: v / n for k, v in sums.items() if k != "locality"}
         out["edit_succ"] *= 100
-        out["locality"] = 100 * sums["locality"] / n_loc if n_loc else float("nan")
+        if n_loc:  # a split without locality items (ConvSent's, say) has no locality to report
+            out["locality"] = 100 * sums["locality"] / n_loc
         out["score"] = (out["edit_succ"] + out["locality"]) / 2 if n_loc else out["edit_succ"]
         return out
 
@@ -562,6 +563,10 @@ class MEND(WeightEditor):
         train_recs, val_recs = self._split(list(split.report.records))
         train_ex = [self._example(r) for r in train_recs]
         val_ex = [self._example(r) for r in val_recs]
+        n_loc = sum(ex.loc is not None for ex in train_ex)
+        if n_loc < len(train_ex):  # ConvSent's KL locality, say, is no (prompt, answer) pair to keep
+            log.warning("mend: %d of %d training records have no locality (prompt, answer) items; on those "
+                        "the training minimises the edit loss alone", len(train_ex) - n_loc, len(train_ex))
         log.info("mend: %d training and %d validation records, %d matrices, %d parameters in g",
                  len(train_ex), len(val_ex), len(self.matrices), sum(p.numel() for p in self.nets.parameters()))
 
@@ -593,8 +598,9 @@ class MEND(WeightEditor):
             value = point[hp.select_on]
             if best_value is None or better(value, best_value):
                 best, best_step, best_value = self._state(), step, value
-            log.info("mend step %d: edit %.1f locality %.1f loss %.4f (edit %.4f, loc %.4f)", step,
-                     point["edit_succ"], point["locality"], point["loss"], point["loss_edit"], point["loss_loc"])
+            log.info("mend step %d: edit %.1f locality %s loss %.4f (edit %.4f, loc %.4f)", step,
+                     point["edit_succ"], f"{point['locality']:.1f}" if "locality" in point else "–", point["loss"],
+                     point["loss_edit"], point["loss_loc"])
 
         accumulate = max(1, hp.accumulate)
         ckpt_every = max(1, hp.checkpoint_every)

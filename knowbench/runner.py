@@ -491,9 +491,28 @@ def _apply(editor: Editor, chunk: Sequence[EditRecord], protocol: Any, failed: d
 
 
 def finish(result: dict[str, Any]) -> dict[str, Any]:
-    """Seal a run's result (the per-record log is kept apart from the sealed file)."""
+    """Seal a run's result (the per-record log is kept apart from the sealed file). A result file is
+    strict JSON: a NaN or infinity that an editor or a plugin put into a free-form block (provenance,
+    an artefact's training curve, diagnostics) becomes null, each one named in a warning, rather than
+    a file that ``knowbench validate`` rejects after the run's work is done."""
     result.pop("_records", None)
+    replaced: list[str] = []
+    result = _finite(result, "", replaced)
+    if replaced:
+        log.warning("%d non-finite number(s) written as null: %s%s", len(replaced), ", ".join(replaced[:8]),
+                    " ..." if len(replaced) > 8 else "")
     return seal(result)
+
+
+def _finite(x: Any, path: str, replaced: list[str]) -> Any:
+    if isinstance(x, float) and not np.isfinite(x):
+        replaced.append(path or "(root)")
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v, f"{path}.{k}" if path else str(k), replaced) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v, f"{path}[{i}]", replaced) for i, v in enumerate(x)]
+    return x
 
 
 def _record_log(records: Sequence[EditRecord], scores: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -379,3 +379,17 @@ def test_eval_timing_both_through_the_cli_writes_two_files(zsre_file, tmp_path):
         assert json.loads((out.parent / name).read_text())["protocol"]["eval_timing"] == timing
     assert main(["run", "--editor", FT, "--task", "zsre", "--model", "random-gpt2", "--data", str(zsre_file),
                  "--limit", "2", "--eval-timing", "both"]) == 2  # needs --sequential
+
+
+def test_a_nan_in_a_free_form_block_is_written_as_null(zsre_file, caplog):
+    """A result file is strict JSON: a NaN an editor reports (MEND's validation locality on a split
+    without locality items was one) must not make the written file invalid."""
+    from knowbench.validate import validate
+
+    r = _run(zsre_file, limit=2)
+    r["editor"]["provenance"]["curve"] = [{"locality": float("nan"), "edit": 1.0}, {"inf": float("inf")}]
+    sealed = finish(r)
+    assert sealed["editor"]["provenance"]["curve"] == [{"locality": None, "edit": 1.0}, {"inf": None}]
+    assert json.loads(json.dumps(sealed, allow_nan=False)) == sealed
+    assert validate(sealed).ok
+    assert "editor.provenance.curve[0].locality" in caplog.text
