@@ -540,14 +540,19 @@ def cmd_knowedit_table(args: argparse.Namespace) -> int:
     except KnowEditTableError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if args.output:
+    emit(text, args.output)
+    return 0
+
+
+def emit(text: str, output: str | None) -> None:
+    """A rendered table to ``output`` (written atomically; said on stderr) or to stdout."""
+    if output:
         from .results import _write_atomic
 
-        _write_atomic(args.output, lambda f: f.write(text))
-        print(f"wrote {args.output}", file=sys.stderr)
+        _write_atomic(output, lambda f: f.write(text))
+        print(f"wrote {output}", file=sys.stderr)
     else:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

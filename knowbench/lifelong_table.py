@@ -35,7 +35,7 @@ from typing import Any, Sequence
 from tabulate import tabulate
 
 from .knowedit_table import (DUPLICATES, MISSING, KnowEditTableError, Source, _resolve, display_name, editor_sort,
-                             load_sources, metrics_name)
+                             emit, load_sources, metrics_name)
 from .leaderboard import _data_id, _md_escape, data_hash
 
 METRICS: tuple[str, ...] = ("edit_succ", "rephrase", "locality")  # Rel. / Gen. / Loc. in WISE's words
@@ -383,11 +383,5 @@ def cmd_lifelong_table(args: argparse.Namespace) -> int:
     except KnowEditTableError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    if args.output:
-        from .results import _write_atomic
-
-        _write_atomic(args.output, lambda f: f.write(text))
-        print(f"wrote {args.output}", file=sys.stderr)
-    else:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    emit(text, args.output)
     return 0
