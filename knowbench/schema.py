@@ -24,6 +24,8 @@ the standard family of task.kind, environment.torch_threads = null and diagnosti
 every metric with what are now the fixes, so migrating sets ``{"name": "knowbench", "fixes": [...]}``
 with the fixes of that time (``LEGACY_FIXES``). A protocol key names a metric protocol other than
 ``knowedit`` (``single+knowbench``): runs under different metric protocols are not ranked together.
+A 1.2 file may carry ``task.data_files[].hub`` (optional; the hub dataset, commit and path a file was
+read from, ``--data zjunlp/KnowEdit``).
 
 ``knowbench schema`` prints the JSON Schema of ``Result``. Importing this module imports no torch.
 """
@@ -293,9 +295,18 @@ class ModelInfo(_Strict):
     default: bool | None = None
 
 
+class HubSource(_Strict):
+    """Where a data file came from on the Hugging Face hub (``--data owner/name[@revision]``)."""
+
+    repo_id: NonEmpty  # the dataset, e.g. zjunlp/KnowEdit
+    revision: Annotated[str, Field(pattern=r"^[0-9a-f]{40}$")]  # the commit the file was read at
+    path_in_repo: NonEmpty  # e.g. benchmark/ZsRE/ZsRE-test-all.json
+
+
 class DataFile(_Strict):
     path: NonEmpty
     sha256: Sha256Hex
+    hub: HubSource | None = None  # 1.2, optional: set when the file came from a hub dataset
 
 
 class Selection(_Strict):

@@ -84,7 +84,9 @@ class Task:
     is_task: ClassVar[bool] = True
 
     def resolve(self, data: str | Path | None) -> Path:
-        """The file to read: ``data`` itself, or this task's file inside a directory."""
+        """The file to read: ``data`` itself, this task's file inside a directory, or (``data`` no
+        local path but ``owner/name[@revision]``) this task's file of that Hugging Face dataset,
+        fetched into the hub's cache (:mod:`knowbench.hub`; e.g. ``zjunlp/KnowEdit``)."""
         if data is None:
             from . import defaults
 
@@ -99,12 +101,25 @@ class Task:
                 f"no {self.knowedit_name} file in {path}: looked for "
                 f"{', '.join(self.default_files)} (pass the file itself with --data FILE)"
             )
-        if not path.exists():
-            raise DataNotFound(f"--data {path}: no such file or directory")
-        return path
+        if path.exists():
+            return path
+        from . import hub
+
+        ref = hub.parse_hub_id(data)
+        if ref is not None:  # a local path of that name would have won above
+            try:
+                return hub.resolve_file(ref, self.default_files, what=f"{self.knowedit_name} file").path
+            except hub.HubDataNotFound as exc:
+                if ref.repo_id.lower() == hub.KNOWEDIT_REPO.lower():
+                    raise
+                # perhaps a mistyped local path: say that it was read as a dataset id
+                raise hub.HubDataNotFound(f"{exc} (--data {data} is no local file or folder either, so it "
+                                          "was taken as a Hugging Face dataset id)") from None
+        raise DataNotFound(f"--data {path}: no such file or directory")
 
     def resolve_train(self, train: str | Path | None, data_file: Path) -> Path:
-        """The training split: ``train`` itself, else one of ``train_files`` in ``data_file``'s folder."""
+        """The training split: ``train`` itself, else one of ``train_files`` in ``data_file``'s folder
+        (for a file of a hub dataset: that folder of the same commit, fetched when not cached)."""
         if train is not None:
             path = Path(train).expanduser()
             if not path.is_file():
@@ -115,6 +130,14 @@ class Task:
             if hit.is_file():
                 return hit
         looked = ", ".join(self.train_files) or "(the task names no training file)"
+        from . import hub
+
+        source = hub.parse_cache_path(data_file)
+        if source is not None and self.train_files:
+            ref = hub.HubRef(source["repo_id"], source["revision"])
+            folder = source["path_in_repo"].rpartition("/")[0] or None
+            return hub.resolve_file(ref, self.train_files, what=f"training split for task {self.name}",
+                                    folder=folder, flag="--train-data").path
         raise DataNotFound(
             f"task {self.name}: no training split beside {data_file} (looked for {looked}); pass --train-data FILE"
         )
