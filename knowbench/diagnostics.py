@@ -1,19 +1,27 @@
 """Per-edit superposition-interference diagnostics (DESIGN 7), computed by the runner after each apply.
 
 Notation as in :mod:`knowbench.superposition`: k a key, C = E[kkᵀ], p(kᵢ, kⱼ) = kᵢᵀC⁻¹kⱼ / kᵢᵀC⁻¹kᵢ,
-δ = v* − W_before k the residual an edit writes, W_0 the unedited rewrite weight.
+δ = v* − W_before k the residual an edit writes, W_0 the unedited weight.
+
+What is watched: the modules the editor's ``sites()`` name — one unit per written linear module m
+(weight W in Linear layout (d_out, d_in), GPT-2's Conv1D transposed), whose key is m's *input*, read
+with a forward hook on m. UltraEdit's Llama sites are gate_proj / up_proj of several layers, so one
+layer may hold several units. An editor that names no sites gets every layer's rewrite module (the
+MLP output projection). In the summary a unit is keyed by its layer, or by its module's name where
+its layer holds several units; every entry carries ``layer`` and ``module``.
 
 Once, on the unedited model, before the first edit:
 
 * a fixed probe set of original-knowledge keys — by default the task's locality items: the key at
   the last token of the record's subject when the locality prompt names it, else at the prompt's
-  last token (where the answer is read out) — at every layer the editor may change;
+  last token (where the answer is read out) — at every watched module;
 * ‖W_0 kⱼ‖ per probe.
 
-After every ``editor.apply``, at each edited layer (p, cosines and the prediction are
+After every ``editor.apply``, at each edited module (p, cosines and the prediction are
 matrix-vector work per edit key; the observed interference is one product of ΔW with the keys):
 
-* per edit key (from the editor's :class:`LayerTrace`): p against the probes and against every
+* per edit key (from the editor's :class:`LayerTrace` of that module; a trace naming no module of
+  the model goes to its layer's rewrite module): p against the probes and against every
   earlier edit's key (mean |p|, max |p|, excess kurtosis), the whitened cosine likewise, ‖δ‖ (the
   residual the editor asked for) and ‖δ'‖, δ' = (W_after − W_before)k the residual it wrote;
 * interference on the probes, observed ‖(W_t − W_0)kⱼ‖ / ‖W_0 kⱼ‖ next to the closed form's
@@ -26,8 +34,11 @@ matrix-vector work per edit key; the observed interference is one product of ΔW
   ‖Σ_{i>j} p(kᵢ, k_j)δ'ᵢ‖ / ‖W_j k_j‖. (Measured from W_0 it would count edit j's own write.)
 
 In single / batch runs the weights are restored after each apply, so interference there is that of
-one apply. Editors without traces (fine-tuning) get the observed interference only; their edit keys
-are read after the apply at the changed layer (a layer's key does not depend on its own weight).
+one apply. Editors without traces (fine-tuning), and sites without one (UltraEdit's gate_proj /
+up_proj), get the observed interference only; their edit keys are read by the diagnostics after the
+apply, from a one-batch memo of the run's prompts while no change so far can have moved them (a
+module's input depends neither on its own weight, nor on later blocks, nor on modules of its block
+called after it), else afresh.
 
 At the end (:meth:`EditDiagnostics.summary`): interference against the number of edits with linear
 and power-law fits (the study predicts linear growth), how well the prediction matches the
@@ -37,6 +48,7 @@ evaluated predicts that the item flipped (agreement < 1).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -76,6 +88,107 @@ def cap_probes(probes: list[ProbeItem], n: int | None, seed: int) -> list[ProbeI
 
 
 # -- keys ---------------------------------------------------------------------------------------
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D stores W as (d_in, d_out) and computes x W + b."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """A module's weight in Linear layout (d_out, d_in), so that v = W k: a view for nn.Linear
+    (and any 2-D weight), a transposed view for Conv1D (:class:`knowbench.arch.ArchAdapter` does the
+    same for the rewrite module)."""
+    w = module.weight
+    return w.T if is_conv1d(module) else w
+
+
+def _key_rows(tok: Any, items: Sequence[tuple[str, str | None]]) -> list[tuple[list[int], int]]:
+    """Token ids and key position of each (prompt, subject) pair: the subject's last token (its first
+    occurrence), or the prompt's last token when the subject is None."""
+    from .keys import subject_indices
+
+    rows: list[tuple[list[int], int] | None] = [None] * len(items)
+    with_subj = [i for i, (_, s) in enumerate(items) if s]
+    without = [i for i, (_, s) in enumerate(items) if not s]
+    if with_subj:
+        for i, r in zip(with_subj, subject_indices(tok, [items[i][0] for i in with_subj], [items[i][1] for i in with_subj])):
+            rows[i] = r
+    if without:
+        for i, r in zip(without, subject_indices(tok, [items[i][0] for i in without], [""] * len(without), fact_token="last")):
+            rows[i] = r
+    return rows  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def capture_inputs(
+    model: nn.Module,
+    tok: Any,
+    items: Sequence[tuple[str, str | None]],
+    modules: Sequence[str],
+    batch_size: int = 32,
+    progress: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Keys of (prompt, subject) pairs at any linear modules: each named module's *input* at the key
+    position (:func:`_key_rows`), one forward pass per batch with every module hooked (abandoned once
+    each has been called): {module name: (n, d_in)} in float32 (float64 for a float64 model)."""
+    from .keys import StopForward
+    from .progress import progress_bar
+    from .tokens import pad_batch, pad_id
+
+    names = list(dict.fromkeys(modules))
+    mods = {name: model.get_submodule(name) for name in names}
+    param = next(model.parameters())
+    device = param.device
+    kdtype = torch.float64 if param.dtype == torch.float64 else torch.float32
+    n = len(items)
+    out = {name: torch.empty(n, linear_weight(m).shape[1], dtype=kdtype) for name, m in mods.items()}
+    if n == 0 or not names:
+        return out
+    rows = _key_rows(tok, items)
+    order = sorted(range(n), key=lambda i: len(rows[i][0]))  # similar lengths together: less padding
+    got: dict[str, torch.Tensor] = {}
+    where: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any, name: str) -> None:
+        if name in got:  # a module called twice in one pass: its first call is the key
+            return
+        x = args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v))
+        got[name] = x.detach()[where[0]]
+        if len(got) == len(names):
+            raise StopForward  # everything is captured: the rest of the pass is not needed
+
+    was_training = model.training
+    if was_training:  # toggling walks every module: only when needed
+        model.eval()
+    handles = [m.register_forward_hook(functools.partial(hook, name=name), with_kwargs=True) for name, m in mods.items()]
+    try:
+        with progress_bar(progress or "keys", n if progress else None) as advance:
+            for b0 in range(0, n, batch_size):
+                idx = order[b0 : b0 + batch_size]
+                ids, mask, pos, _ = pad_batch([rows[i][0] for i in idx], pad_id(tok), "right", device)
+                where[:] = [(torch.arange(len(idx), device=device), torch.tensor([rows[i][1] for i in idx], device=device))]
+                got.clear()
+                try:
+                    model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+                except StopForward:
+                    pass
+                for name in names:
+                    if name in got:
+                        out[name][idx] = got[name].to(kdtype).cpu()
+                    else:  # e.g. an expert the router skipped: no key, so nothing measured there
+                        out[name][idx] = float("nan")
+                        log.warning("diagnostics: module %s was not called for %d prompt(s); their keys are NaN",
+                                    name, len(idx))
+                advance(len(idx))
+    finally:
+        for h in handles:
+            h.remove()
+        if was_training:
+            model.train(True)
+    return out
+
+
 @torch.no_grad()
 def capture_keys(
     model: nn.Module,
@@ -85,52 +198,12 @@ def capture_keys(
     batch_size: int = 32,
     progress: str | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Keys (rewrite-module inputs) of (prompt, subject) pairs at ``layers``, one forward pass per
-    batch with every layer hooked (stopping after the highest one): {layer: (n, d_in)} in float32
-    (float64 for a float64 model).
-    The key is read at the subject's last token (its first occurrence), or at the prompt's last
-    token when the subject is None."""
-    from .keys import record, subject_indices
-    from .tokens import pad_batch, pad_id
-
+    """Keys (rewrite-module inputs) of (prompt, subject) pairs at ``layers`` (:func:`capture_inputs`
+    at each layer's rewrite module): {layer: (n, d_in)}."""
     adapter = ArchAdapter(model)
-    layers = sorted({adapter._check(layer) for layer in layers})
-    n = len(items)
-    if n == 0 or not layers:
-        return {layer: torch.zeros(0, adapter.key_dim(layer)) for layer in layers}
-    rows: list[tuple[list[int], int] | None] = [None] * n
-    with_subj = [i for i, (_, s) in enumerate(items) if s]
-    without = [i for i, (_, s) in enumerate(items) if not s]
-    if with_subj:
-        for i, r in zip(with_subj, subject_indices(tok, [items[i][0] for i in with_subj], [items[i][1] for i in with_subj])):
-            rows[i] = r
-    if without:
-        for i, r in zip(without, subject_indices(tok, [items[i][0] for i in without], [""] * len(without), fact_token="last")):
-            rows[i] = r
-    param = next(model.parameters())
-    device = param.device
-    kdtype = torch.float64 if param.dtype == torch.float64 else torch.float32
-    out = {layer: torch.empty(n, adapter.key_dim(layer), dtype=kdtype) for layer in layers}
-    order = sorted(range(n), key=lambda i: len(rows[i][0]))  # similar lengths together: less padding
-    was_training = model.training
-    if was_training:  # toggling walks every module: only when needed
-        model.eval()
-    from .progress import progress_bar
-
-    try:
-        with progress_bar(progress or "keys", n if progress else None) as advance:
-            for b0 in range(0, n, batch_size):
-                idx = order[b0 : b0 + batch_size]
-                ids, mask, pos, _ = pad_batch([rows[i][0] for i in idx], pad_id(tok), "right", device)
-                where = (torch.arange(len(idx), device=device), torch.tensor([rows[i][1] for i in idx], device=device))
-                rec = record(model, adapter, ids, mask, pos, positions=where, key_layers=layers, stop_after=layers[-1])
-                for layer in layers:
-                    out[layer][idx] = rec.keys[layer].to(kdtype).cpu()
-                advance(len(idx))
-    finally:
-        if was_training:
-            model.train(True)
-    return out
+    names = {layer: adapter.rewrite_name(layer) for layer in sorted({adapter._check(layer) for layer in layers})}
+    got = capture_inputs(model, tok, items, list(names.values()), batch_size, progress)
+    return {layer: got[name] for layer, name in names.items()}
 
 
 # -- growable row buffers -----------------------------------------------------------------------------
@@ -156,14 +229,20 @@ class _Rows:
 
 
 @dataclass
-class _Layer:
+class _Site:
+    """One watched unit: the linear module ``module`` (weight ``param``) in block ``layer``."""
+
     layer: int
     module: str
     param: str
-    probe_keys: torch.Tensor  # (n_p, d_in) float32 (float64 for a float64 model), on the CPU
+    probe_keys: torch.Tensor  # (n_p, d_in) the module's input, float32 (float64 for a float64 model), on the CPU
     probe_base: torch.Tensor  # (n_p,) ‖W_0 k_j‖ float64
     w0: torch.Tensor | None  # own copy (Linear layout) when the editor keeps none
     d_out: int
+    uid: int | str = -1  # the layer for its rewrite module, else the module's name
+    key: str = ""  # in the summary: str(layer), or the module's name where a layer has several units
+    rewrite: bool = True  # the module is its layer's rewrite module
+    conv1d: bool = False  # the weight is stored (d_in, d_out)
     whitener: S.Whitener | None = None
     whitener_info: dict[str, Any] = field(default_factory=dict)
     probe_u: torch.Tensor | None = None
@@ -172,13 +251,16 @@ class _Layer:
     white: _Rows | None = None  # and whitened
     after: _Rows | None = None  # W_j k_j right after edit j (sequential)
     pred_drift: _Rows | None = None  # Σ_{i>j} p(k_i, k_j) δ_i (sequential)
-    has_prediction: bool = True  # False once an apply at this layer could not be whitened
+    has_prediction: bool = True  # False once an apply at this unit could not be whitened
     w_prev: torch.Tensor | None = None  # the weight after the previous apply (sequential)
     last_obs: torch.Tensor | None = None
     last_pred: torch.Tensor | None = None
     at_eval: dict[int, tuple[float, float | None]] = field(default_factory=dict)
     series: list[dict[str, Any]] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)  # per-edit-key stats, for the summary
+
+
+_Layer = _Site  # the name before units were keyed by module
 
 
 @dataclass
@@ -190,9 +272,41 @@ class DiagnosticsConfig:
     sequential: bool = True  # weights accumulate across applies (no restore between them)
 
 
+# -- what the editor declares, as picklable look-ups (run checkpoints pickle the observer) ---------
+def _nothing(*_: Any) -> None:
+    """The default look-up: nothing known."""
+    return None
+
+
+class SiteMoments:
+    """The C an editor's :class:`~knowbench.editor.Site` solves with, looked up by the site's param
+    or module name, or by a layer (the site at that layer's rewrite module, else its only site)."""
+
+    def __init__(self, sites: Sequence[Any], rewrite_names: dict[int, str] | None = None):
+        self.sites = list(sites)
+        self.rewrite_names = dict(rewrite_names or {})
+
+    def site(self, key: int | str) -> Any:
+        if isinstance(key, str):
+            return next((s for s in self.sites if key in (s.param, s.module)), None)
+        at = [s for s in self.sites if s.layer == key]
+        rewrite = [s for s in at if s.module == self.rewrite_names.get(key)]
+        return rewrite[0] if rewrite else (at[0] if len(at) == 1 else None)
+
+    def __call__(self, key: int | str) -> Any:
+        site = self.site(key)
+        return site.second_moment if site is not None else None
+
+
 class EditDiagnostics:
     """The runner's per-edit hook: build on the unedited model, call :meth:`after_apply` after
-    every ``editor.apply`` (before any restore), then :meth:`summary`."""
+    every ``editor.apply`` (before any restore), then :meth:`summary`.
+
+    What is watched: the editor's ``sites`` (one unit per written linear module, keys = that
+    module's input), else the rewrite module of each of ``layers``, else of every layer.
+    ``moments(uid)``: C of a unit, asked with its id (the layer for a rewrite module, else the module
+    name; :class:`SiteMoments` by default when sites are given). ``originals(param)``: W_0 as the
+    editor stores it (storage layout), used only when every layer is watched and sites give none."""
 
     def __init__(
         self,
@@ -201,7 +315,8 @@ class EditDiagnostics:
         probes: list[ProbeItem],
         layers: Sequence[int] | None = None,
         *,
-        moments: Callable[[int], Any] | None = None,
+        sites: Sequence[Any] | None = None,
+        moments: Callable[[int | str], Any] | None = None,
         originals: Callable[[str], torch.Tensor | None] | None = None,
         config: DiagnosticsConfig | None = None,
         probe_source: str = "custom",
@@ -213,42 +328,94 @@ class EditDiagnostics:
         self.adapter = ArchAdapter(model)
         self.probes = probes
         self.probe_source = probe_source
-        self.moments = moments or (lambda layer: None)
-        self.originals = originals or (lambda name: None)
+        self._warned: set[str] = set()
+        n_layers = self.adapter.n_layers
+        rewrite_names = {l: self.adapter.rewrite_name(l) for l in range(n_layers)}
+        sites = list(sites or [])
+        self.moments = moments or (SiteMoments(sites, rewrite_names) if sites else _nothing)
+        self.originals = originals or _nothing
         self.identity_moment = identity_moment
-        self.watch = sorted({self.adapter._check(layer) for layer in layers}) if layers else list(range(self.adapter.n_layers))
-        # W_0: our own copy of the few layers an editor names; when it names none (every layer is
-        # watched) the editor's own snapshot of what it touched, if it keeps one
-        own_copies = layers is not None or originals is None
-        if layers is None:
-            log.info("diagnostics: the editor does not name its layers; watching all %d rewrite layers", len(self.watch))
-        keys = capture_keys(model, tok, [(p.prompt, p.subject) for p in probes], self.watch, self.cfg.batch_size)
-        self.layers: dict[int, _Layer] = {}
-        for layer in self.watch:
-            w = self.adapter.rewrite_weight(layer).detach()
-            k = keys[layer]
-            param = self.adapter.rewrite_param_name(layer)
-            own = w.clone() if own_copies else None
+        # (layer, module, param, W_0 the site gives in Linear layout or None)
+        specs: list[tuple[int, str, str, torch.Tensor | None]] = []
+        if sites:
+            for site in sites:
+                spec = self._site_spec(site)
+                if spec is not None and all(spec[1] != s[1] for s in specs):
+                    specs.append(spec)
+        else:
+            if layers is None:
+                log.info("diagnostics: the editor does not name its layers; watching all %d rewrite layers", n_layers)
+            for l in sorted({self.adapter._check(l) for l in layers}) if layers else range(n_layers):
+                specs.append((l, rewrite_names[l], self.adapter.rewrite_param_name(l), None))
+        specs.sort(key=lambda s: s[0])  # by layer, the editor's order within one
+        self.watch = sorted({s[0] for s in specs})
+        # W_0: our own copy of what an editor names; when it names nothing (every layer is watched)
+        # the editor's own snapshot of what it touched, if it keeps one
+        own_copies = bool(sites) or layers is not None or originals is None
+        keys = capture_inputs(model, tok, [(p.prompt, p.subject) for p in probes], [s[1] for s in specs], self.cfg.batch_size)
+        per_layer = {l: sum(1 for s in specs if s[0] == l) for l in self.watch}
+        self.layers: dict[int | str, _Site] = {}  # units by id: the layer for a rewrite module, else the module name
+        for layer, name, param, given in specs:
+            module = model.get_submodule(name)
+            w = linear_weight(module).detach()
+            k = keys[name]
+            own = given.detach() if given is not None else (w.clone() if own_copies else None)
             wd = torch.float64 if w.dtype == torch.float64 else torch.float32
             base = (k.to(w.device, wd) @ w.to(wd).T).double().norm(dim=1).cpu() if len(k) else torch.zeros(0, dtype=torch.float64)
-            self.layers[layer] = _Layer(layer, self.adapter.rewrite_name(layer), param, k, base, own, w.shape[0])
+            rewrite = name == rewrite_names[layer]
+            uid: int | str = layer if rewrite else name
+            self.layers[uid] = _Site(layer, name, param, k, base, own, w.shape[0], uid=uid,
+                                     key=str(layer) if per_layer[layer] == 1 else name, rewrite=rewrite,
+                                     conv1d=is_conv1d(module))
+        self._by_module = {st.module: uid for uid, st in self.layers.items()}
+        self._by_param = {st.param: uid for uid, st in self.layers.items()}
         self.n_edits = 0
         self.n_applies = 0
         self.entries: list[dict[str, Any]] = []
         self.setup_s = time.perf_counter() - t0
         self.apply_s = 0.0
         self.edit_s = 0.0
-        self._warned: set[str] = set()
-        # Edit keys read by the diagnostics themselves (editors without traces, i.e. fine-tuning):
-        # the run's prompts are captured in one batch, and reused while every weight changed so far
-        # lies at or above the key's own rewrite module, where it cannot move that key.
+        # Edit keys read by the diagnostics themselves (editors without traces, i.e. fine-tuning, and
+        # sites other than the rewrite module): the run's prompts are captured in one batch, and reused
+        # while no weight changed so far can move the key (:meth:`_keys_unmoved`).
         self.run_items: list[tuple[str, str | None]] = []
-        self._key_memo: dict[tuple[str, str | None], dict[int, torch.Tensor]] = {}
+        self._key_memo: dict[tuple[str, str | None], dict[int | str, torch.Tensor]] = {}
         self._changed: set[str] = set()
+        self._holders: dict[str, tuple[str, ...]] | None = None  # param name -> modules holding it
+        self._calls: dict[str, tuple[int, int]] | None = None  # module -> (first, last) call in a forward pass
         self._by_record: dict[int, list[int]] = {}
         for j, p in enumerate(probes):
             if p.record is not None:
                 self._by_record.setdefault(p.record, []).append(j)
+
+    def _site_spec(self, site: Any) -> tuple[int, str, str, torch.Tensor | None] | None:
+        """(layer, module, param, W_0) of an editor's site, or None (with a warning) for one the
+        weight diagnostics cannot watch: not a 2-D weight of a module inside a transformer block."""
+        name, param = site.module, site.param
+        try:
+            module = self.model.get_submodule(name)
+        except AttributeError:
+            self._warn_once(f"site {name}", f"diagnostics: the editor names a site {name!r} the model does not have; it is left out")
+            return None
+        w = getattr(module, "weight", None)
+        if param != name + ".weight" or not isinstance(w, torch.Tensor) or w.dim() != 2:
+            self._warn_once(f"site {name}", f"diagnostics: site {param!r} is not the 2-D weight of module {name!r}; "
+                            "it is left out (the diagnostics need a linear map v = W k)")
+            return None
+        layer = _block_index(name, self.adapter)
+        if layer is None:
+            self._warn_once(f"site {name}", f"diagnostics: site {name!r} lies outside the transformer blocks; it is left out")
+            return None
+        if site.layer != layer:
+            self._warn_once(f"site {name}", f"diagnostics: site {name!r} says layer {site.layer} but lies in block {layer}; "
+                            f"block {layer} is used")
+        original = getattr(site, "original", None)
+        if original is not None and tuple(original.shape) != tuple(linear_weight(module).shape):
+            self._warn_once(f"w0 {name}", f"diagnostics: the original the editor gives for {param} has shape "
+                            f"{tuple(original.shape)}, not the Linear layout {tuple(linear_weight(module).shape)}; "
+                            "a copy is taken instead")
+            original = None
+        return layer, name, param, original
 
     # -- one apply -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -259,58 +426,124 @@ class EditDiagnostics:
         self.n_edits += len(requests)
         if edit_seconds is not None:
             self.edit_s += edit_seconds
-        traces = {}
+        traces: dict[int | str, Any] = {}
         for tr in getattr(outcome, "traces", None) or []:
-            traces[self.adapter._check(tr.layer)] = tr
+            uid = self._trace_unit(tr)
+            if uid is not None:
+                traces[uid] = tr
         changed = set(getattr(outcome, "changed_params", None) or [])
         self._changed = (self._changed | changed) if self.cfg.sequential else changed
-        edited = [l for l in self.watch if l in traces or self.layers[l].param in changed]
-        for l in sorted(set(traces) - set(self.watch)):
-            self._warn_once(f"trace{l}", f"diagnostics: layer {l} was edited but was not watched (the editor "
-                            f"named layers {self.watch}); it is left out")
+        unwatched = sorted(p for p in changed if p not in self._by_param and p.endswith(".weight"))
+        if unwatched:
+            self._warn_once("unwatched", f"diagnostics: {len(unwatched)} changed weight(s) are not among the "
+                            f"watched sites and are not diagnosed: {', '.join(unwatched[:4])}"
+                            + (" ..." if len(unwatched) > 4 else ""))
+        edited = [uid for uid, st in self.layers.items() if uid in traces or st.param in changed]
         record_ids = [_record_index(r) for r in requests]
         entry: dict[str, Any] = {"apply": self.n_applies, "n_edits": self.n_edits, "records": record_ids, "layers": []}
-        captured: dict[int, torch.Tensor] = {}
-        need_capture = [l for l in edited if l not in traces]
-        if need_capture:  # fine-tuning style: read the edit keys ourselves
+        captured: dict[int | str, torch.Tensor] = {}
+        need_capture = [uid for uid in edited if uid not in traces]
+        if need_capture:  # fine-tuning style, or a site without a trace: read the edit keys ourselves
             items = [(getattr(r, "prompt"), _subject_in(r)) for r in requests]
             captured = self._edit_keys(items, need_capture)
-        for layer in edited:
-            tr = traces.get(layer)
-            entry["layers"].append(self._layer_step(self.layers[layer], tr, captured.get(layer), record_ids))
+        for uid in edited:
+            entry["layers"].append(self._layer_step(self.layers[uid], traces.get(uid), captured.get(uid), record_ids))
         dt = time.perf_counter() - t0 - (self.setup_s - setup0)  # one-off set-up work is not per-apply
         self.apply_s += dt
         entry["seconds"] = round(dt, 5)
         self.entries.append(entry)
         return entry
 
-    def _keys_unmoved(self, layer: int) -> bool:
-        """Whether the weights changed so far leave the keys at ``layer`` as on the original model:
-        only rewrite modules at ``layer`` or above, or blocks above it, were changed."""
-        n = self.adapter.n_layers
-        safe = [self.adapter.rewrite_name(j) + "." for j in range(layer, n)]
-        safe += [self.adapter.block_name(j) + "." for j in range(layer + 1, n)]
-        return all(any(p.startswith(prefix) for prefix in safe) for p in self._changed)
+    def _trace_unit(self, tr: Any) -> int | str | None:
+        """The unit a :class:`LayerTrace` belongs to: the one watching its module; a trace naming no
+        module of the model goes to its layer's rewrite module (traces are per layer there)."""
+        name = getattr(tr, "module", None)
+        if name in self._by_module:
+            return self._by_module[name]
+        known = False
+        if name:
+            try:
+                self.model.get_submodule(name)
+                known = True
+            except AttributeError:
+                pass
+        try:
+            layer = self.adapter._check(tr.layer)
+        except (IndexError, TypeError):
+            layer = None
+        if not known and layer in self.layers:
+            return layer
+        self._warn_once(f"trace {name or tr.layer}", f"diagnostics: {name or f'layer {tr.layer}'} was edited but "
+                        f"was not watched (watched: {', '.join(st.module for st in self.layers.values())}); it is left out")
+        return None
 
-    def _edit_keys(self, items: list[tuple[str, str | None]], layers: list[int]) -> dict[int, torch.Tensor]:
-        memo_layers = [l for l in layers if self._keys_unmoved(l)]
-        if memo_layers and not self._key_memo and self.run_items:
+    # -- which keys can the changes so far have moved? ----------------------------------------------
+    def _keys_unmoved(self, uid: int | str) -> bool:
+        """Whether the weights changed so far leave the keys of unit ``uid`` (its module's input) as on
+        the original model. A changed parameter cannot move them when every module holding it (tied
+        weights count) is the unit's module or inside it (a module's input does not depend on its own
+        weight), lies in a later block, or lies in the same block and is first called after the
+        unit's module in a forward pass (its output cannot reach an input computed before it ran)."""
+        st = self.layers[uid]
+        if not self._changed:
+            return True
+        holders = self._param_holders()
+        n = self.adapter.n_layers
+        later = tuple(self.adapter.block_name(j) + "." for j in range(st.layer + 1, n))
+        block = self.adapter.block_name(st.layer) + "."
+        for p in self._changed:
+            for h in holders.get(p, ()) or (None,):
+                if h is None:
+                    return False  # not a parameter of the model we know: assume the worst
+                if h == st.module or h.startswith(st.module + ".") or (h + ".").startswith(later):
+                    continue
+                if (h + ".").startswith(block) and self._called_after(h, st.module):
+                    continue
+                return False
+        return True
+
+    def _param_holders(self) -> dict[str, tuple[str, ...]]:
+        """Every name of every parameter -> the modules holding that tensor (several when tied)."""
+        if self._holders is None:
+            by_id: dict[int, list[str]] = {}
+            names: dict[str, int] = {}
+            for pname, p in self.model.named_parameters(remove_duplicate=False):
+                owner = pname.rsplit(".", 1)[0] if "." in pname else ""
+                by_id.setdefault(id(p), []).append(owner)
+                names[pname] = id(p)
+            self._holders = {pname: tuple(dict.fromkeys(by_id[i])) for pname, i in names.items()}
+        return self._holders
+
+    def _called_after(self, other: str, module: str) -> bool:
+        """Whether every call of ``other`` starts after the last call of ``module`` starts, in one
+        forward pass of a short input (read once). Unknown (not called) is False."""
+        if self._calls is None:
+            self._calls = _call_order(self.model)
+        a, b = self._calls.get(other), self._calls.get(module)
+        return a is not None and b is not None and a[0] > b[1]
+
+    def _edit_keys(self, items: list[tuple[str, str | None]], uids: list[int | str]) -> dict[int | str, torch.Tensor]:
+        """Keys of ``items`` at units ``uids`` on the current model: from the run's one-batch memo
+        where the changes so far cannot have moved them, else captured now."""
+        memo_units = [u for u in uids if self._keys_unmoved(u)]
+        if memo_units and not self._key_memo and self.run_items:
             t0 = time.perf_counter()
             todo = list(dict.fromkeys(self.run_items + items))
-            got = capture_keys(self.model, self.tok, todo, self.watch, self.cfg.batch_size)
+            got = capture_inputs(self.model, self.tok, todo, [st.module for st in self.layers.values()], self.cfg.batch_size)
             for i, item in enumerate(todo):
-                self._key_memo[item] = {l: got[l][i] for l in self.watch}
+                self._key_memo[item] = {u: got[st.module][i] for u, st in self.layers.items()}
             self.setup_s += time.perf_counter() - t0  # set-up work, like the probe keys
-        out: dict[int, torch.Tensor] = {}
+        out: dict[int | str, torch.Tensor] = {}
         if all(item in self._key_memo for item in items):
-            out = {l: torch.stack([self._key_memo[item][l] for item in items]) for l in memo_layers}
-        rest = [l for l in layers if l not in out]
+            out = {u: torch.stack([self._key_memo[item][u] for item in items]) for u in memo_units}
+        rest = [u for u in uids if u not in out]
         if rest:
-            out.update(capture_keys(self.model, self.tok, items, rest, self.cfg.batch_size))
+            got = capture_inputs(self.model, self.tok, items, [self.layers[u].module for u in rest], self.cfg.batch_size)
+            out.update({u: got[self.layers[u].module] for u in rest})
         return out
 
     def _layer_step(self, st: _Layer, trace: Any, captured: torch.Tensor | None, record_ids: list[int | None]) -> dict[str, Any]:
-        w_t = self.adapter.rewrite_weight(st.layer).detach()
+        w_t = linear_weight(self.model.get_submodule(st.module)).detach()
         w_0 = self._original(st)
         seq = self.cfg.sequential
         out: dict[str, Any] = {"layer": st.layer, "module": st.module}
@@ -430,23 +663,23 @@ class EditDiagnostics:
     def _original(self, st: _Layer) -> torch.Tensor | None:
         if st.w0 is not None:
             return st.w0
-        got = self.originals(st.param)
+        got = self.originals(st.param)  # as the editor stores it
         if got is None:
-            self._warn_once(f"w0{st.layer}", f"diagnostics: the editor kept no original of {st.param}; "
+            self._warn_once(f"w0 {st.module}", f"diagnostics: the editor kept no original of {st.param}; "
                             "no observed interference there")
             return None
-        return got.T if self.adapter.spec.conv1d else got
+        return got.T if st.conv1d else got
 
     def _whitener(self, st: _Layer) -> S.Whitener | None:
         if st.whitener is not None or st.whitener_info.get("error"):
             return st.whitener
         try:
-            src = self.moments(st.layer)
+            src = self.moments(st.param) if isinstance(self.moments, SiteMoments) else self.moments(st.uid)
             if (src is None and self.identity_moment) or (isinstance(src, str) and src == "identity"):
                 src = torch.eye(st.probe_keys.shape[1], dtype=torch.float64)
                 st.whitener_info["source"] = "identity (the editor solves with C = I)"
             if src is None:
-                raise LookupError("the editor exposes no second moment C for this layer")
+                raise LookupError(f"the editor exposes no second moment C for {st.module}")
             st.whitener = S.Whitener.from_any(src, name=f"C of {st.module}")
             st.whitener_info.setdefault("source", "editor")
             if hasattr(src, "provenance"):
@@ -455,7 +688,7 @@ class EditDiagnostics:
                 st.whitener_info["ridge"] = st.whitener.ridge
         except (LookupError, ValueError, TypeError, RuntimeError) as exc:
             st.whitener_info["error"] = str(exc)
-            self._warn_once(f"C{st.layer}", f"diagnostics: no p or prediction at layer {st.layer}: {exc}")
+            self._warn_once(f"C {st.module}", f"diagnostics: no p or prediction at {st.module}: {exc}")
         return st.whitener
 
     def _warn_once(self, key: str, msg: str) -> None:
@@ -473,10 +706,11 @@ class EditDiagnostics:
         per_layer: dict[str, Any] = {}
         scores_obs: dict[int, float] = {}
         scores_pred: dict[int, float] = {}
-        for layer, st in self.layers.items():
+        for st in self.layers.values():
             if not st.series:
                 continue
-            info: dict[str, Any] = {"module": st.module, "n_edit_keys": len(st.rows)}
+            info: dict[str, Any] = {"layer": st.layer, "module": st.module, "rewrite_module": st.rewrite,
+                                    "n_edit_keys": len(st.rows)}
             if st.whitener_info:
                 info["whitening"] = st.whitener_info
             for name in ("p_probes", "p_earlier", "cos_probes", "cos_earlier"):
@@ -506,7 +740,7 @@ class EditDiagnostics:
                 if p is not None:
                     scores_pred[j] = scores_pred.get(j, 0.0) + p
             info["series"] = st.series
-            per_layer[str(layer)] = info
+            per_layer[st.key] = info
         total_edit = self.edit_s or None
         n_subject = sum(1 for p in self.probes if p.subject)
         out: dict[str, Any] = {
@@ -516,12 +750,14 @@ class EditDiagnostics:
                 "key_position": {"subject_last": n_subject, "prompt_last": len(self.probes) - n_subject},
             },
             "watched_layers": self.watch,
-            "edited_layers": [int(k) for k in per_layer],
+            "edited_layers": sorted({info["layer"] for info in per_layer.values()}),
+            "watched_modules": [st.module for st in self.layers.values()],
+            "edited_modules": [info["module"] for info in per_layer.values()],
             "accumulating": seq,
             "eval_timing": eval_timing if seq else "each",
-            "layers": per_layer,
+            "layers": per_layer,  # str(layer), or the module name where a layer has several units
             "auroc": {**_auroc(self.probes, post_map, scores_obs, scores_pred),
-                      "score": "interference at evaluation time, summed over edited layers"},
+                      "score": "interference at evaluation time, summed over edited modules"},
             "timing": {
                 "setup_s": round(self.setup_s, 4),
                 "per_apply_s": round(self.apply_s / max(1, self.n_applies), 5),
@@ -537,6 +773,45 @@ class EditDiagnostics:
 
 
 # -- helpers ------------------------------------------------------------------------------------------
+def _block_index(name: str, adapter: ArchAdapter) -> int | None:
+    """The transformer block a module lies in (``<blocks>.<i>.…``), None outside the blocks."""
+    prefix = adapter.spec.blocks + "."
+    if not name.startswith(prefix):
+        return None
+    head = name[len(prefix):].split(".", 1)[0]
+    return int(head) if head.isdigit() and int(head) < adapter.n_layers else None
+
+
+@torch.no_grad()
+def _call_order(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """module name -> (first, last) position at which a call of it starts, in one forward pass of a
+    two-token input ({} when that pass fails: every same-block change then counts as moving keys)."""
+    starts: dict[str, list[int]] = {}
+    counter = [0]
+
+    def pre(mod: nn.Module, args: tuple, name: str) -> None:
+        starts.setdefault(name, []).append(counter[0])
+        counter[0] += 1
+
+    handles = [m.register_forward_pre_hook(functools.partial(pre, name=name)) for name, m in model.named_modules() if name]
+    was_training = model.training
+    device = next(model.parameters()).device
+    try:
+        if was_training:
+            model.eval()
+        ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    except Exception as exc:  # noqa: BLE001 - an unusual forward: fall back to the conservative rule
+        log.debug("diagnostics: no call order (%s); same-block changes count as moving keys", exc)
+        return {}
+    finally:
+        for h in handles:
+            h.remove()
+        if was_training:
+            model.train(True)
+    return {name: (min(v), max(v)) for name, v in starts.items()}
+
+
 def _record_index(r: Any) -> int | None:
     for name in ("record_index", "index"):
         v = getattr(r, name, None)
@@ -691,36 +966,22 @@ def for_run(
     seed: int = 0,
     options: dict[str, Any] | None = None,
 ) -> EditDiagnostics:
-    """The weight diagnostics of one run, on the still unedited model, watching the editor's
-    ``sites()`` (every rewrite layer when it names none)."""
+    """The weight diagnostics of one run, on the still unedited model, watching the modules the
+    editor's ``sites()`` name, with each site's C and W_0 (every rewrite layer when it names none)."""
     cfg = diagnostics_config(options, sequential=sequential, seed=seed)
     probes, source = run_probes(task_probes, cfg)
     if not probes:
         log.warning("diagnostics: no probe keys (the selected records have no locality items); only "
                     "interference on earlier edits is measured")
-    by_layer = {site.layer: site for site in sites}
-    by_param = {site.param: site for site in sites}
-
-    def moments(layer: int) -> Any:
-        site = by_layer.get(layer)
-        return site.second_moment if site is not None else None
-
-    def originals(param: str) -> torch.Tensor | None:
-        site = by_param.get(param)
-        return site.original if site is not None else None
-
-    diag = EditDiagnostics(
-        lm_model, tok, probes, sorted(by_layer) or None, moments=moments,
-        originals=originals if any(site.original is not None for site in sites) else None,
-        config=cfg, probe_source=source,
-    )
+    diag = EditDiagnostics(lm_model, tok, probes, sites=list(sites) or None, config=cfg, probe_source=source)
     diag.run_items = [(getattr(r, "prompt"), _subject_in(r)) for r in records]
     return diag
 
 
 # -- terminal summary -------------------------------------------------------------------------------------
 def diagnostics_table(result: dict[str, Any]):
-    """A rich Table summarising ``result["diagnostics"]`` per edited layer (None if absent).
+    """A rich Table summarising ``result["diagnostics"]`` per edited module (None if absent): the
+    ``layer`` column names the module where it is not its layer's rewrite module (``2 gate_proj``).
 
     Columns that no layer has (p and prediction for editors without traces) are left out, so the
     table fits an 80-column terminal."""
@@ -737,12 +998,17 @@ def diagnostics_table(result: dict[str, Any]):
 
     seq = diag.get("accumulating")
     rows = []
-    for layer, info in diag["layers"].items():
+    for key, info in diag["layers"].items():
+        layer = info.get("layer", key)
+        if info.get("rewrite_module", True) and str(key) == str(layer):
+            site = str(layer)
+        else:
+            site = f"{layer} {str(info.get('module', key)).rsplit('.', 1)[-1]}"
         pp, pe, cw = info.get("p_probes", {}), info.get("p_earlier", {}), info.get("cos_probes", {})
         fin = info["interference"]["final"]
         slope = ((info["interference"].get("growth") or {}).get("observed") or {}).get("linear", {}).get("slope")
         rows.append({
-            "layer": layer,
+            "layer": site,
             "|p| probes mean/max": pair(pp.get("mean_abs"), pp.get("max_abs")),
             "κ(p)": f(pp.get("kurtosis_mean"), "{:.1f}"),
             "|p| earlier": f(pe.get("mean_abs")),

@@ -180,6 +180,8 @@ def result_figures(result: dict[str, Any], out: Path) -> list[Path]:
         ax_p, ax_e = axes
         for i, (layer, info) in enumerate(layers.items()):
             s = info.get("series") or []
+            if not str(layer).isdigit():  # several watched modules at one layer: "2 gate_proj"
+                layer = f"{info.get('layer', '')} {str(info.get('module', layer)).rsplit('.', 1)[-1]}"
             x = [pt["n_edits"] for pt in s]
             color = f"C{i % 10}"
             for key, ax in (("observed", ax_p), ("predicted", ax_p), ("earlier_observed", ax_e), ("earlier_predicted", ax_e)):
