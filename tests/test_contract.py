@@ -235,6 +235,20 @@ def test_behaviour_families_run_with_diagnostics(toys, zsre_file, editor, kind, 
     assert "retention" in d["summary"] and "locality_drift" in d["summary"]
 
 
+def test_behaviour_diagnostics_measure_every_nth_edit_and_the_last(toys, zsre_file, monkeypatch):
+    """Long accumulating runs are measured every ``every`` edits and after the last edit."""
+    from knowbench import observers
+
+    init = observers.BehaviourDiagnostics.__init__
+    monkeypatch.setattr(observers.BehaviourDiagnostics, "__init__",
+                        lambda self, *a, **kw: init(self, *a, **{**kw, "every": 2}))
+    r = _run("toy-wrap", zsre_file, sequential=3)
+    d = r["diagnostics"]
+    assert [p["n_edits"] for p in d["series"]] == [2, 3]
+    assert d["summary"]["every_n_edits"] == 2 and d["summary"]["n_points"] == 2
+    assert d["series"][-1]["n_retention"] == 3
+
+
 def test_prompt_editor_sees_each_prompts_owner(toys, zsre_file):
     """rewrite_prompts gets, for every prompt, the record and metric it belongs to."""
     from knowbench.runner import RunConfig, run
