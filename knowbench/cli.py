@@ -11,7 +11,7 @@ import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 log = logging.getLogger("knowbench")
 
@@ -23,13 +23,16 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         description="Apply edits from a task's records to a model under a protocol (single, batch or "
         "sequential), evaluate KnowEdit's metrics before and after, and write a result JSON.",
     )
-    p.add_argument("--editor", required=True, help="editor name (see `knowbench ls`), e.g. ft-m, rome")
-    p.add_argument("--task", required=True, help="task name or KnowEdit spelling: zsre, wiki_recent, "
+    p.add_argument("--editor", default=None, help="editor name (see `knowbench ls`), e.g. ft-m, rome (required "
+                   "unless --resume)")
+    p.add_argument("--task", default=None, help="task name or KnowEdit spelling: zsre, wiki_recent, "
                    "counterfact, wikibio, convsent, sanitation (see `knowbench ls`)")
     p.add_argument("--model", default=None, help="Hugging Face model id, local folder, or a built-in name "
                    "(embedded, smollm2-135m, random-gpt2, random-llama); default: the embedded world model")
-    p.add_argument("--data", default=None, help="task data file or a folder holding KnowEdit's file for "
-                   "this task; default: the embedded world's file for the task")
+    p.add_argument("--data", default=None, help="task data file, a folder holding KnowEdit's file for "
+                   "this task, or a Hugging Face dataset id OWNER/NAME[@REVISION] (e.g. zjunlp/KnowEdit: the "
+                   "task's file is fetched into the hub cache, HF_HUB_CACHE / HF_HOME; HF_HUB_OFFLINE=1 uses the "
+                   "cache only); default: the embedded world's file for the task")
     p.add_argument("--limit", type=int, default=None, help="edit a seeded sample of N records (kept in "
                    "file order; the chosen indices are recorded in the result)")
     p.add_argument("--sequential", type=int, default=None, metavar="T", help="lifelong protocol: apply T "
@@ -73,6 +76,14 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     from .study import add_run_arguments
 
     add_run_arguments(p)
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="K", help="write a checkpoint "
+                   "(edited weights, the editor's state, scores so far, random states) every K edits and when "
+                   "SIGINT / SIGTERM stops the run; removed once the result is written")
+    p.add_argument("--checkpoint", default=None, metavar="FILE", help="where checkpoints go (default: --output "
+                   "with .ckpt, else checkpoints/EDITOR_TASK_PROTOCOL_sSEED.ckpt)")
+    p.add_argument("--resume", default=None, metavar="CHECKPOINT", help="go on with the run that wrote "
+                   "CHECKPOINT (its options are taken from it; --output may move the result); the metrics "
+                   "equal those of the run done in one go")
     p.add_argument("--json", action="store_true", help="print the result JSON to stdout instead of the table")
     p.set_defaults(func=cmd_run)
 
@@ -87,12 +98,12 @@ def _curve_every(args: argparse.Namespace) -> int | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from .runner import RunConfig, resume_all, run_all
 
-    from .report import print_result
-    from .results import write_json_atomic, write_jsonl_atomic
-    from .runner import RunConfig, default_output, finish, run_all
-
+    if args.resume:
+        return _print_results(args, resume_all(args.resume, output=args.output), remove=args.resume)
+    if not args.editor or not args.task:
+        raise ValueError("knowbench run: --editor and --task are required (unless --resume CHECKPOINT)")
     cfg = RunConfig(
         editor=args.editor, task=args.task, model=args.model, data=args.data, limit=args.limit,
         sequential=args.sequential, eval_timing=args.eval_timing, batch_size=args.batch_size,
@@ -100,6 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         eval_batch_size=args.eval_batch_size, fluency=not args.no_fluency, curve_every=_curve_every(args),
         curve_probes=args.curve_probes, log_records=args.log_records, diagnostics=not args.no_diagnostics,
         train_data=args.train_data, metrics=args.metrics, metric_fixes=list(args.metric_fix),
+        checkpoint_every=args.checkpoint_every, checkpoint=args.checkpoint,
     )
     from .study import run_options
 
@@ -116,22 +128,23 @@ def cmd_run(args: argparse.Namespace) -> int:
             why = str(exc).split(": ", 1)[-1]
             raise RunError(f"--output not given, and its default folder results/ cannot be written: {why}; "
                            "pass --output FILE") from None
-    from .runner import PROGRESS
+    from .runner import checkpoint_path
 
-    results = run_all(cfg)
-    for result in results:
-        records = result.pop("_records")
-        result = finish(result)
-        timing = result["protocol"]["eval_timing"]
-        out, log_path = Path(args.output) if args.output else default_output(result), args.log_records
-        if len(results) > 1:  # --eval-timing both: one file per timing
-            out = out.with_name(f"{out.stem}-{timing}{out.suffix}") if args.output else out
-            log_path = log_path and str(Path(log_path).with_name(f"{Path(log_path).stem}-{timing}{Path(log_path).suffix}"))
-        write_json_atomic(out, result)
+    remove = (cfg.checkpoint or str(checkpoint_path(cfg))) if cfg.checkpoint_every or cfg.checkpoint else None
+    return _print_results(args, run_all(cfg), remove=remove)
+
+
+def _print_results(args: argparse.Namespace, results: list[dict[str, Any]], remove: str | None = None) -> int:
+    """Write the run's result file(s), print each, and remove the run's checkpoint (now finished)."""
+    from rich.console import Console
+
+    from .report import print_result
+    from .runner import PROGRESS, write_results
+
+    output = args.output or (results[0]["config"].get("output") if args.resume else None)
+    log_records = args.log_records or (results[0]["config"].get("log_records") if args.resume else None)
+    for out, result in write_results(results, output, log_records):
         PROGRESS.stage, PROGRESS.output = "written", str(out)
-        if log_path:
-            write_jsonl_atomic(log_path, records)
-            log.info("per-record log: %s", log_path)
         if args.json:
             import json
 
@@ -139,6 +152,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             print_result(result, Console())
         log.info("result written to %s", out)
+    if remove and Path(remove).is_file():
+        Path(remove).unlink()
+        log.info("checkpoint %s removed (the run is finished)", remove)
     return 0
 
 
@@ -153,8 +169,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--editor", required=True, help="a trainable editor, e.g. mend, serac")
     p.add_argument("--task", required=True, help="task name (its training split is used)")
     p.add_argument("--model", default=None, help="model (default: the embedded world model)")
-    p.add_argument("--data", default=None, help="the task's test file or folder (the training split is looked "
-                   "for beside it; default: the embedded world's)")
+    p.add_argument("--data", default=None, help="the task's test file or folder, or a Hugging Face dataset "
+                   "id OWNER/NAME[@REVISION] such as zjunlp/KnowEdit (the training split is looked for beside it, "
+                   "in the same commit; default: the embedded world's)")
     p.add_argument("--train-data", default=None, metavar="FILE", help="the training split itself")
     p.add_argument("--hparams", default=None, metavar="FILE", help="YAML/JSON hyper-parameter overrides")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
@@ -241,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .leaderboard import add_leaderboard, add_submit
     from .metric_protocol import add_metric_protocols
     from .schema import add_schema
+    from .sweep import add_sweep
     from .validate import add_validate
     from .verify import add_verify
 
@@ -252,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_metric_protocols(sub)
     add_knowedit_table(sub)
     add_lifelong_table(sub)
+    add_sweep(sub)
     from .plots import add_plot
     from .study import add_superposition
 

@@ -30,6 +30,8 @@ class RunConfig:
     train_data: str | None = None  # a trainable editor's training split (default: beside --data)
     metrics: str = "knowedit"  # metric protocol preset: knowedit (the reference) | knowbench (every fix)
     metric_fixes: list[str] = field(default_factory=list)  # fixes added to the preset (--metric-fix)
+    checkpoint_every: int | None = None  # write a checkpoint every K edits (and on SIGINT / SIGTERM)
+    checkpoint: str | None = None  # where (default: the output's path with .ckpt)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -42,13 +42,14 @@ from .metric_protocol import MetricProtocol
 from .records import BadRecord, EditRecord, LoadReport
 from .results import environment, git_commit, peak_memory_mb, seal, sha256_file
 from .schema import SCHEMA_VERSION, ResultBody, protocol_key
+from .hub import data_file_info as hub_data_file_info
 from .fitting import drop_failed, fit_context, fitting_probes
 from .preflight import preflight
 from .runconfig import RunConfig, RunError
 
 log = logging.getLogger("knowbench")
 
-__all__ = ["RunConfig", "RunError", "run", "finish", "default_output", "preflight"]
+__all__ = ["RunConfig", "RunError", "run", "run_all", "resume_all", "finish", "write_results", "default_output", "preflight"]
 
 
 # -- what the run has done so far (read by the command line when the run is interrupted) ---------
@@ -58,13 +59,19 @@ class RunProgress:
     edits_done: int = 0
     edits_total: int | None = None
     output: str | None = None  # where the result was written (stage "written")
+    checkpoint: str | None = None  # the last checkpoint written, and after how many edits
+    checkpoint_edits: int = 0
 
     def reset(self) -> None:
         self.stage, self.edits_done, self.edits_total, self.output = "starting", 0, None, None
+        self.checkpoint, self.checkpoint_edits = None, 0
 
     def interrupted(self, signame: str = "SIGINT") -> str:
         """What a run cut short by ``signame`` finished and what it did not."""
         nothing = "nothing was written: the result file is written only at the end"
+        if self.checkpoint and self.stage != "written":
+            nothing = (f"a checkpoint after {self.checkpoint_edits} edits is at {self.checkpoint}: go on with "
+                       f"`knowbench run --resume {self.checkpoint}`")
         total = self.edits_total
         if self.stage == "written":
             return f"interrupted ({signame}) after the result was written to {self.output}"
@@ -81,6 +88,16 @@ class RunProgress:
 
 
 PROGRESS = RunProgress()
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM during a checkpointed edit loop, raised after the checkpoint was written."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum, self.signame = signum, signal.Signals(signum).name
+        super().__init__(self.signame)
 
 
 def select(report: LoadReport, n: int | None, seed: int) -> tuple[list[EditRecord], dict[str, Any]]:
@@ -137,11 +154,25 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     return results[0]
 
 
-def run_all(cfg: RunConfig) -> list[dict[str, Any]]:
+def resume_all(checkpoint: str | Path, output: str | None = None) -> list[dict[str, Any]]:
+    """Go on with the run a checkpoint was written by (``knowbench run --resume``): its options come
+    from the checkpoint (``output`` may move the result); returns what :func:`run_all` would have."""
+    from .checkpoint import read_header
+
+    head = read_header(checkpoint)
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    cfg = RunConfig(**{k: v for k, v in head["config"].items() if k in fields})
+    if output is not None:
+        cfg = dataclasses.replace(cfg, output=output)
+    return run_all(cfg, resume=str(checkpoint))
+
+
+def run_all(cfg: RunConfig, resume: str | None = None) -> list[dict[str, Any]]:
     """:func:`run`'s results: one, or with ``--eval-timing both`` two from one stream of edits —
     each edit scored right after it (``each``) and all scored on the final model (``final``). The
     evaluations between edits run on a saved and restored random state, so the edits, and the final
-    model, are those of a ``--eval-timing final`` run."""
+    model, are those of a ``--eval-timing final`` run. With ``cfg.checkpoint_every`` the edit loop
+    writes checkpoints (:mod:`knowbench.checkpoint`); ``resume`` names one to go on from."""
     t_start = time.perf_counter()
     PROGRESS.reset()
     pf = preflight(cfg)
@@ -158,6 +189,7 @@ def run_all(cfg: RunConfig) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
     lm, model_name = _load_model(cfg)
     load_s = time.perf_counter() - t0
+    ckpt = _Checkpointing.for_run(cfg, lm.model, resume)
     PROGRESS.stage = "checking the records against the model's context"
     eval_cfg = EvalConfig(batch_size=cfg.eval_batch_size, fluency=cfg.fluency, seed=cfg.seed, metrics=metrics)
     family_cls = task.family_class()
@@ -183,12 +215,21 @@ def run_all(cfg: RunConfig) -> list[dict[str, Any]]:
     pre_s = time.perf_counter() - t0
 
     observer = None
-    if cfg.diagnostics:
+    if cfg.diagnostics and resume is None:
         probes = fitting_probes(family.probes(records), lm, model_name)
         observer = observer_for(editor, evaluator, records, probes, accumulating=protocol.accumulates,
                                 seed=cfg.seed, options=cfg.extra.get("diagnostics"))
+    start = None
+    if ckpt is not None:
+        ckpt.bind(records, hparams_hash(hp), {"tok": lm.tokenizer, "evaluator": evaluator, "family": family,
+                                              "context": editor.context})
+        if resume is not None:  # the edited model, the editor and the observer as the checkpoint left them
+            start = ckpt.load(resume)
+            lm.model = evaluator.model = start["model"]
+            editor, observer = start["editor"], start["observer"]
+            t_start -= start["elapsed_s"]
     PROGRESS.stage = "editing"
-    loop = _edit(cfg, protocol, editor, evaluator, records, ref, observer)
+    loop = _edit(cfg, protocol, editor, evaluator, records, ref, observer, ckpt, start)
     if loop.failed:
         records, pre_scores = drop_failed(loop.failed, records, pre_scores, report, selection, protocol,
                                            editor_info.name, n_asked)
@@ -203,6 +244,9 @@ def run_all(cfg: RunConfig) -> list[dict[str, Any]]:
         if both:  # this file alone is reproduced by a run with its own timing
             config["eval_timing"] = timing
             config["extra"] = {**config.get("extra", {}), "eval_timing_both": True}
+        if start is not None:
+            config["extra"] = {**config.get("extra", {}),
+                               "resumed_from": {"checkpoint": str(resume), "edits_done": start["done"]}}
         proto = protocol.with_timing(timing)
         result: dict[str, Any] = {
             "schema_version": SCHEMA_VERSION,
@@ -236,7 +280,7 @@ def run_all(cfg: RunConfig) -> list[dict[str, Any]]:
                 "version": task.version,
                 "distribution": task_info.dist,
                 "format": report.format,
-                "data_files": [{"path": str(p), "sha256": sha256_file(p)} for p in report.files],
+                "data_files": [{"path": str(p), "sha256": sha256_file(p), **hub_data_file_info(p)} for p in report.files],
                 "default_data": cfg.data is None,
                 "n_records_in_file": report.n_raw,
                 "n_records_usable": len(report.records),
@@ -375,23 +419,35 @@ class _Loop:
 
 
 def _edit(cfg: RunConfig, protocol: Any, editor: Editor, evaluator: Evaluator, records: list[EditRecord],
-          ref: Any, observer: Any) -> _Loop:
-    """Apply the records under ``protocol``; score, restore and draw the curve as it says."""
-    loop = _Loop()
-    if protocol.accumulates and protocol.curve_every:
-        loop.probes = records[: protocol.curve_probes]
-    next_curve = protocol.curve_every or 0
-    if loop.probes:
-        loop.curve.append(_curve_point(evaluator, loop.probes, set(), ref, editor, 0))
-    with progress_bar(f"{cfg.editor} · {protocol.name}", total=len(records)) as advance:
-        done = 0
-        edited: set[int] = set()
-        for given in protocol.chunks(records):
+          ref: Any, observer: Any, ckpt: "_Checkpointing | None" = None, start: dict[str, Any] | None = None) -> _Loop:
+    """Apply the records under ``protocol``; score, restore and draw the curve as it says; write a
+    checkpoint every ``ckpt.every`` edits and when a signal asks the run to stop. ``start``: a
+    checkpoint's loop state to go on from (its random states are set before the next apply)."""
+    chunks = list(protocol.chunks(records))
+    if start is None:
+        loop, position, done, edited = _Loop(), 0, 0, set()
+        if protocol.accumulates and protocol.curve_every:
+            loop.probes = records[: protocol.curve_probes]
+        next_curve = protocol.curve_every or 0
+        if loop.probes:
+            loop.curve.append(_curve_point(evaluator, loop.probes, set(), ref, editor, 0))
+    else:
+        loop, position, done, edited, next_curve = (start[k] for k in ("loop", "position", "done", "edited", "next_curve"))
+        PROGRESS.edits_done = done
+    stopping = _StopAfterApply(ckpt is not None)
+    with progress_bar(f"{cfg.editor} · {protocol.name}", total=len(records)) as advance, stopping:
+        if start is not None:
+            from .checkpoint import set_rng_states
+
+            advance(sum(len(c) for c in chunks[:position]))
+            set_rng_states(start["rng"])
+        for given in chunks[position:]:
             t0 = time.perf_counter()
             chunk, outcome = _apply(editor, given, protocol, loop.failed)
             dt = time.perf_counter() - t0
             if outcome is None:  # the editor refused every record of this apply
                 advance(len(given))
+                position += 1
                 continue
             loop.edit_s += dt
             if observer is not None:
@@ -418,6 +474,11 @@ def _edit(cfg: RunConfig, protocol: Any, editor: Editor, evaluator: Evaluator, r
                     next_curve += protocol.curve_every
             PROGRESS.edits_done = done
             advance(len(given))
+            position += 1
+            if ckpt is not None and (ckpt.due(done) or stopping.signum or position == len(chunks)):
+                ckpt.write(evaluator.model, editor, observer, loop, position, done, edited, next_curve)
+            if stopping.signum:
+                raise RunInterrupted(stopping.signum)
         if loop.probes and loop.curve[-1]["edits"] != done:
             loop.curve.append(_curve_point(evaluator, loop.probes, edited, ref, editor, done))
     if protocol.score_at_end:
@@ -433,6 +494,119 @@ def _edit(cfg: RunConfig, protocol: Any, editor: Editor, evaluator: Evaluator, r
         else:
             loop.eval_s += time.perf_counter() - t0
     return loop
+
+
+class _StopAfterApply:
+    """While a checkpointed edit loop runs, SIGINT / SIGTERM only ask it to stop after the current
+    apply (the loop then writes a checkpoint and raises :class:`RunInterrupted`); a second signal
+    stops at once. Inactive off the main thread or without checkpoints."""
+
+    def __init__(self, active: bool):
+        self.active, self.signum, self.previous = active, 0, {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.signum:
+            raise RunInterrupted(signum)
+        self.signum = signum
+        log.warning("%s: writing a checkpoint after the current edit, then stopping (again to stop now)",
+                    __import__("signal").Signals(signum).name)
+
+    def __enter__(self) -> "_StopAfterApply":
+        import signal
+
+        if self.active:
+            try:
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    self.previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class _Checkpointing:
+    """Where and how often a run checkpoints (:mod:`knowbench.checkpoint`), and what it needs to."""
+
+    cfg: RunConfig
+    path: Path
+    every: int | None
+    loaded: Any  # checkpoint.Loaded: the unedited model's tensors and fingerprints
+    header: dict[str, Any] = field(default_factory=dict)
+    refs: dict[str, Any] = field(default_factory=dict)
+    t0: float = field(default_factory=time.perf_counter)
+    elapsed_before: float = 0.0
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, model: Any, resume: str | None) -> "_Checkpointing | None":
+        if not (cfg.checkpoint_every or cfg.checkpoint or resume):
+            return None
+        from .checkpoint import Loaded
+
+        if cfg.checkpoint_every is not None and cfg.checkpoint_every < 1:
+            raise RunError(f"--checkpoint-every {cfg.checkpoint_every}: must be at least 1")
+        path = Path(cfg.checkpoint or resume or checkpoint_path(cfg))
+        return cls(cfg, path, cfg.checkpoint_every, Loaded.of(model))
+
+    def bind(self, records: Sequence[EditRecord], hp_hash: str, objects: dict[str, Any]) -> None:
+        """The run's records and hyper-parameters (checked on resume) and the objects a resumed run
+        rebuilds itself (pickled as references)."""
+        self.header = {"config": asdict(self.cfg), "indices": [r.index for r in records], "hparams_hash": hp_hash,
+                       "model_print": self.loaded.model_print(), "knowbench": __version__}
+        self.refs = {**objects, **{f"record:{r.index}": r for r in records}}
+
+    def due(self, done: int) -> bool:
+        return bool(self.every) and done // self.every > self.header.get("done", 0) // self.every
+
+    def write(self, model: Any, editor: Editor, observer: Any, loop: "_Loop", position: int, done: int,
+              edited: set[int], next_curve: int) -> None:
+        from .checkpoint import rng_states, save
+
+        changed = {p for e in loop.edits for p in (e.get("changed_params") or [])}
+        elapsed = self.elapsed_before + time.perf_counter() - self.t0
+        body = {"model": model, "editor": editor, "observer": observer, "loop": loop, "position": position,
+                "done": done, "edited": edited, "next_curve": next_curve, "rng": rng_states(), "elapsed_s": elapsed}
+        self.header.update(done=done, position=position)
+        t0 = time.perf_counter()
+        sizes = save(self.path, self.header, body, self.refs, self.loaded, changed)
+        PROGRESS.checkpoint, PROGRESS.checkpoint_edits = str(self.path), done
+        log.info("checkpoint after %d edits: %s (%.1f MB, %d tensors by value, %d by reference; %.1f s)",
+                 done, self.path, sizes["bytes"] / 2**20, sizes["by_value"], sizes["by_reference"],
+                 time.perf_counter() - t0)
+
+    def load(self, resume: str) -> dict[str, Any]:
+        """The loop state of checkpoint ``resume``, checked against this run."""
+        from .checkpoint import CheckpointError, load_body, read_header
+
+        head = read_header(resume)
+        for key, what in (("indices", "the selected records"), ("hparams_hash", "the hyper-parameters"),
+                          ("model_print", "the loaded model's weights")):
+            if head.get(key) != self.header[key]:
+                raise CheckpointError(f"--resume {resume}: {what} differ from those of the run that wrote it")
+        if head.get("knowbench") != __version__:
+            log.warning("--resume %s: written by knowbench %s, resumed by %s", resume, head.get("knowbench"), __version__)
+        start = load_body(resume, self.refs, self.loaded)
+        self.header.update(done=start["done"], position=start["position"])
+        self.elapsed_before = start["elapsed_s"]
+        PROGRESS.checkpoint, PROGRESS.checkpoint_edits = str(resume), start["done"]
+        log.info("resuming %s after %d of %d edits", resume, start["done"], len(self.header["indices"]))
+        return start
+
+
+def checkpoint_path(cfg: RunConfig) -> Path:
+    """Where ``--checkpoint-every`` writes without ``--checkpoint``: beside ``--output``, else
+    ``checkpoints/<editor>_<task>_<protocol>_s<seed>.ckpt``."""
+    if cfg.output:
+        return Path(cfg.output).with_suffix(".ckpt")
+    proto = f"seq{cfg.sequential}" if cfg.sequential else "single"
+    if cfg.batch_size:
+        proto += f"_b{cfg.batch_size}"
+    return Path("checkpoints") / f"{cfg.editor}_{cfg.task}_{proto}_s{cfg.seed}.ckpt"
 
 
 class _rng_kept:
@@ -502,6 +676,29 @@ def finish(result: dict[str, Any]) -> dict[str, Any]:
         log.warning("%d non-finite number(s) written as null: %s%s", len(replaced), ", ".join(replaced[:8]),
                     " ..." if len(replaced) > 8 else "")
     return seal(result)
+
+
+def write_results(results: list[dict[str, Any]], output: str | None, log_records: str | None = None) -> list[tuple[Path, dict[str, Any]]]:
+    """Seal and write :func:`run_all`'s results (atomically): ``output`` (default
+    :func:`default_output`), or with ``--eval-timing both`` ``STEM-each.json`` and ``STEM-final.json``;
+    the per-record logs beside them when ``log_records`` is given. Returns (path, sealed result) pairs."""
+    from .results import write_json_atomic, write_jsonl_atomic
+
+    written = []
+    for result in results:
+        records = result.pop("_records")
+        result = finish(result)
+        timing = result["protocol"]["eval_timing"]
+        out, log_path = Path(output) if output else default_output(result), log_records
+        if len(results) > 1:  # --eval-timing both: one file per timing
+            out = out.with_name(f"{out.stem}-{timing}{out.suffix}") if output else out
+            log_path = log_path and str(Path(log_path).with_name(f"{Path(log_path).stem}-{timing}{Path(log_path).suffix}"))
+        write_json_atomic(out, result)
+        if log_path:
+            write_jsonl_atomic(log_path, records)
+            log.info("per-record log: %s", log_path)
+        written.append((out, result))
+    return written
 
 
 def _finite(x: Any, path: str, replaced: list[str]) -> Any:
