@@ -330,3 +330,42 @@ def test_ray_engine_runs_a_grid_and_a_rerun_skips_it(tmp_path, capsys, monkeypat
     assert "FT-M" in capsys.readouterr().out
     with capsys.disabled():
         print(f"\nray 2x2 grid: {first:.1f} s; rerun (all skipped): {second:.1f} s")
+
+
+class _Killed(BaseException):
+    """A kill of the sweep's process right after a cell's checkpoint reached the disk."""
+
+
+def test_killed_sweep_resumes_its_cell_from_the_checkpoint(tmp_path, monkeypatch):
+    from knowbench import runner
+
+    cell = {"editors": ["ft-m"], "tasks": [{"name": "zsre", "limit": 4}],
+            "protocols": [{"sequential": 4, "eval_timing": "final"}], "run": FAST}
+    g = sweep.load_grid(write_grid(tmp_path, "ckpt", checkpoint_every=1, **cell))
+    real = runner._Checkpointing.write
+    writes = []
+
+    def write(self, *a, **kw):
+        real(self, *a, **kw)
+        writes.append(self.path)
+        if len(writes) == 2:
+            raise _Killed
+
+    monkeypatch.setattr(runner._Checkpointing, "write", write)
+    with pytest.raises(_Killed):
+        sweep.run_sweep(g)
+    monkeypatch.setattr(runner._Checkpointing, "write", real)
+    (ckpt,) = set(writes)
+    assert ckpt.exists() and ckpt.parent == g.results_dir
+    (state,) = sweep.plan(g)
+    assert state.todo
+    sweep.run_sweep(g)  # started again: goes on from the checkpoint
+    (done,) = sorted(g.results_dir.glob("*.json"))
+    resumed = result(done)
+    assert resumed["config"]["extra"]["resumed_from"]["edits_done"] == 2 and not ckpt.exists()
+    one_go = sweep.load_grid(write_grid(tmp_path, "plain", **cell))
+    sweep.run_sweep(one_go)
+    (plain,) = sorted(one_go.results_dir.glob("*.json"))
+    plain = result(plain)
+    assert (resumed["metrics"], resumed["records"], resumed["curve"]) == (plain["metrics"], plain["records"], plain["curve"])
+    assert not sweep.plan(g)[0].todo  # and a third start skips it
