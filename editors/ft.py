@@ -9,6 +9,9 @@ trained; every other parameter is frozen. With prompt tokens x and target tokens
 
 W ← W − Adam(∇L), ``num_steps`` steps at ``lr``, early stop below ``stop_loss``. With
 ``norm_constraint`` > 0, W is clamped element-wise to W₀ ± norm_constraint after each step.
+A float16 / bfloat16 W is trained through a float32 copy (Adam's ε = 1e-8 is 0 in float16, which
+turns the first step into NaN; bfloat16 would round most steps away) and rounded into W after each
+step; a float32 W is trained in place.
 Defaults follow the reference for Llama-2 (layer 21 of 32, 25 steps, lr 5e-4); other models use
 the same layer fraction.
 """
@@ -21,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from knowbench.devices import input_device
 from knowbench.editor import ChangeKind, EditOutcome, EditRequest, RunContext, Site, WeightEditor
 from knowbench.scoring import _fit, _max_positions, target_spans
 from knowbench.tokens import pad_batch, pad_id
@@ -106,13 +110,17 @@ class _FineTune(WeightEditor):
         weight = self.param(self.param_name)
         original = self.original(self.param_name)
         input_ids, mask, labels, spans = self._batch(requests)
-        input_ids, mask, labels = (t.to(weight.device) for t in (input_ids, mask, labels))
+        input_ids, mask, labels = (t.to(input_device(self.model)) for t in (input_ids, mask, labels))
 
         frozen = [p for p in self.model.parameters() if p.requires_grad and p is not weight]
         for p in frozen:
             p.requires_grad_(False)
         weight.requires_grad_(True)
-        opt = torch.optim.Adam([weight], lr=hp.lr, weight_decay=hp.weight_decay)
+        # the optimiser's copy: W itself in float32/64, else a float32 master copy (see the docstring)
+        low = weight.dtype in (torch.float16, torch.bfloat16)
+        master = weight.detach().float().requires_grad_(True) if low else weight
+        lo_hi = (original.float() - hp.norm_constraint, original.float() + hp.norm_constraint) if low else None
+        opt = torch.optim.Adam([master], lr=hp.lr, weight_decay=hp.weight_decay)
         losses: list[float] = []
         try:
             with torch.enable_grad():
@@ -124,11 +132,18 @@ class _FineTune(WeightEditor):
                     if losses[-1] < hp.stop_loss:
                         break
                     loss.backward()
+                    if low:
+                        master.grad = weight.grad.float()
                     opt.step()
-                    if hp.norm_constraint > 0:
-                        with torch.no_grad():
+                    with torch.no_grad():
+                        if hp.norm_constraint > 0:
                             eps = hp.norm_constraint
-                            weight.copy_(torch.clamp(weight, original - eps, original + eps))
+                            if low:
+                                master.copy_(torch.clamp(master, *lo_hi))
+                            else:
+                                weight.copy_(torch.clamp(weight, original - eps, original + eps))
+                        if low:
+                            weight.copy_(master)  # rounded into W's dtype
         finally:
             for p in frozen:
                 p.requires_grad_(True)

@@ -86,6 +86,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from knowbench.devices import input_device
 from knowbench.editor import ChangeKind, Editor, EditOutcome, EditRequest, PromptOwner, RunContext
 from knowbench.scoring import _fit, _max_positions, readable
 from knowbench.tokens import pad_batch, pad_id
@@ -326,7 +327,7 @@ class GRACE(Editor):
         with torch.no_grad():
             again = replay()
         scale = float(full.float().abs().max()) + 1.0
-        if again.shape != full.shape or float((again.float() - full.float()).abs().max()) > 1e-4 * scale:
+        if again.shape != full.shape or float((again.float().to(full.device) - full.float()).abs().max()) > 1e-4 * scale:
             if not self._replay_warned:
                 log.warning("grace: re-running the blocks from layer %d up does not reproduce the model's logits "
                             "(%s); training with full forward passes", self.layer, type(self.model).__name__)
@@ -372,7 +373,7 @@ class GRACE(Editor):
     def _edit_one(self, req: EditRequest) -> dict[str, Any]:
         hp, cb = self.hparams, self.codebook
         input_ids, mask, labels, spans = target_batch(self.tok, self.model, [req], self.name)
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)
         input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
         ids, start = spans[0]
         key_pos = start - 1  # the last prompt token
@@ -397,7 +398,8 @@ class GRACE(Editor):
                     else:
                         logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
                     # position t predicts token t + 1; only the target's tokens are labelled
-                    loss = F.cross_entropy(logits[0, :-1].float(), labels[0, 1:], ignore_index=-100)
+                    # replay's logits come from the LM head's device, which may not be the inputs'
+                    loss = F.cross_entropy(logits[0, :-1].float(), labels[0, 1:].to(logits.device), ignore_index=-100)
                     losses.append(float(loss.detach()))
                     if losses[-1] < hp.stop_loss:
                         break
@@ -437,8 +439,7 @@ class GRACE(Editor):
         for i, (p, _) in enumerate(rows):
             ids = list(self.tok(readable(p), add_special_tokens=True)["input_ids"])
             seqs.append(_fit(ids, len(ids), limit, i, bos)[0])  # as scoring fits an over-long prompt
-        device = next(self.model.parameters()).device
-        ids, mask, pos, _ = pad_batch(seqs, pad_id(self.tok), "right", device)
+        ids, mask, pos, _ = pad_batch(seqs, pad_id(self.tok), "right", input_device(self.model))
         x, _ = self._capture(ids, mask, pos)
         cb = self.codebook
         dist, idx = cb.nearest(x.reshape(-1, x.shape[-1]))

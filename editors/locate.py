@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from knowbench.arch import cache_kwargs, returned_cache
+from knowbench.devices import input_device, like, module_device
 from knowbench.editor import ChangeKind, EditRequest, RunContext, Site, WeightEditor
 from knowbench.keys import Recording, lm_logits, record, subject_indices
 from knowbench.scoring import _max_positions, join_prompt_target, target_spans
@@ -292,7 +293,7 @@ class UpperBlocks:
         self.h0 = self.rec.block_out[self.layer]
         if with_keys:
             self.keys, self.values = self.rec.keys, self.rec.values
-            self.lookup = self.h0[b.subj_rows, b.subj_cols]
+            self.lookup = self.h0[like(b.subj_rows, self.h0), like(b.subj_cols, self.h0)]
 
     def _prepare_suffix(self) -> None:
         from transformers import DynamicCache
@@ -345,17 +346,21 @@ class UpperBlocks:
         with ``delta_rows`` (one vector per row, or None) added after block ``layer`` at each row's
         lookup token."""
         b = self.b
+        # indices and δ go to the device of the tensor they index (blocks may sit on several devices)
         if (self.suffix or _suffix) and not force_full:
             h = self.h0s
             if delta_rows is not None:
-                h = h.index_put((b.subj_rows, torch.zeros_like(b.subj_cols)), delta_rows.to(h.dtype), accumulate=True)
+                rows = like(b.subj_rows, h)
+                h = h.index_put((rows, torch.zeros_like(rows)), delta_rows.to(h.device, h.dtype), accumulate=True)
             out = self._run_suffix(h)
-            return out[b.tgt_rows, b.tgt_cols - b.split], out[b.kl_rows, 0]
+            return out[like(b.tgt_rows, out), like(b.tgt_cols - b.split, out)], out[like(b.kl_rows, out), 0]
         h = self.h0
         if delta_rows is not None:
-            h = h.index_put((b.subj_rows, b.subj_cols), delta_rows.to(h.dtype), accumulate=True)
+            h = h.index_put((like(b.subj_rows, h), like(b.subj_cols, h)), delta_rows.to(h.device, h.dtype),
+                            accumulate=True)
         out = self.rec.replay(h, self.layer + 1) if self.layer + 1 < self.adapter.n_layers else h
-        return out[b.tgt_rows, b.tgt_cols], out[b.kl_rows, b.subj_cols[b.kl_rows]]
+        kl_rows = like(b.kl_rows, out)
+        return out[like(b.tgt_rows, out), like(b.tgt_cols, out)], out[kl_rows, like(b.subj_cols, out)[kl_rows]]
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return lm_logits(self.adapter, hidden)
@@ -393,8 +398,8 @@ def optimise_targets(
     block's output). The same recorded pass captures keys at ``key_layers``."""
     hp = editor.hparams
     adapter = editor.adapter
-    device = next(model.parameters()).device
-    b = build_batch(editor.tok, requests, contexts, hp.fact_token, device, max_len=_max_positions(model))
+    # the rows go where the model takes its inputs; δ and its loss live where block ``layer`` does
+    b = build_batch(editor.tok, requests, contexts, hp.fact_token, input_device(model), max_len=_max_positions(model))
     key_layers = sorted(set(key_layers) | ({layer} if init_from == "rewrite" else set()))
     with frozen(model), torch.no_grad():
         rec = None
@@ -406,8 +411,11 @@ def optimise_targets(
             )
         upper = UpperBlocks(model, adapter, b, layer, editor._runtime, key_layers)
     with frozen(model):
-        bare = b.bare_rows().to(device)
-        init = (upper.values[layer][bare] if init_from == "rewrite" else upper.lookup[bare]).float()
+        source = upper.values[layer] if init_from == "rewrite" else upper.lookup
+        device = source.device
+        init = source[b.bare_rows().to(device)].float()
+        row_edit, tgt_edit, tgt_rows = b.row_edit.to(device), b.tgt_edit.to(device), b.tgt_rows.to(device)
+        tgt_labels, tgt_weight = b.tgt_labels.to(device), b.tgt_weight.to(device)
         n = len(requests)
         delta = torch.zeros_like(init, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=hp.v_lr)
@@ -420,12 +428,12 @@ def optimise_targets(
         it = 0
         with torch.enable_grad():
             for it in range(max(1, hp.v_num_grad_steps)):
-                h_tgt, h_kl = upper(delta[b.row_edit])
+                h_tgt, h_kl = upper(delta[row_edit])
                 # logits only where the loss reads them: target positions and KL positions
-                logp = torch.log_softmax(upper.head(h_tgt).float(), dim=-1)
-                tok_lp = logp.gather(-1, b.tgt_labels[:, None])[:, 0]
-                nll = torch.zeros(n, device=device).index_add(0, b.tgt_edit, -tok_lp * b.tgt_weight)
-                kl_lp = torch.log_softmax(upper.head(h_kl).float(), dim=-1)
+                logp = torch.log_softmax(upper.head(h_tgt).float().to(device), dim=-1)
+                tok_lp = logp.gather(-1, tgt_labels[:, None])[:, 0]
+                nll = torch.zeros(n, device=device).index_add(0, tgt_edit, -tok_lp * tgt_weight)
+                kl_lp = torch.log_softmax(upper.head(h_kl).float().to(device), dim=-1)
                 if kl_init is None:
                     kl_init = kl_lp.detach()
                     first_nll = nll.detach().clone()
@@ -452,7 +460,7 @@ def optimise_targets(
     nll, kl, loss, delta = nll.detach(), kl.detach(), loss.detach(), delta.detach()
     # the bare prompt's own NLL (row e·c of each edit): what a teacher-forced score reads
     row_nll = torch.zeros(b.input_ids.shape[0], device=device).index_add(
-        0, b.tgt_rows, -tok_lp.detach() * b.tgt_weight * b.n_ctx)
+        0, tgt_rows, -tok_lp.detach() * tgt_weight * b.n_ctx)
     bare_nll = row_nll[b.bare_rows().to(device)]
     stats = [
         {
@@ -477,27 +485,31 @@ def _fmt(t: torch.Tensor) -> str:
 
 # -- 3. closed-form pieces ----------------------------------------------------------------------
 def c_solve(sm: SecondMoment | None, x: torch.Tensor) -> torch.Tensor:
-    """C⁻¹x for x (d,) or (d, n) in float64 (Cholesky solve); x itself (a copy) when C = I (None)."""
-    return sm.solve(x) if sm is not None else x.clone()
+    """C⁻¹x for x (d,) or (d, n) in float64 (Cholesky solve, where C lives), on x's device; x itself
+    (a copy) when C = I (None)."""
+    return sm.solve(x).to(x.device) if sm is not None else x.clone()
 
 
 def layer_keys_and_residual(editor: "LocateEditor", t: "Targets", j: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For editors spreading z* over ``editor.layers`` = L₁ < … < L_m (MEMIT, AlphaEdit): layer L_j's
     keys K (n, d_in) float64, read on the model as the layers below L_j left it, and its share of
     the remaining residual R = (z* − h) / (m − j) (n, d_out) float64, h = the current output of L_m
-    at each bare prompt's subject token. ``t``: targets at L_m recorded with ``calls_from=L₁``."""
+    at each bare prompt's subject token. ``t``: targets at L_m recorded with ``calls_from=L₁``.
+    Both on the device of layer L_j's rewrite weight (L_m's output may live on another)."""
     layers, top = editor.layers, editor.layers[-1]
     layer, b = layers[j], t.batch
     if j == 0:  # nothing edited yet: the recorded pass has the keys and z
         key_rows, cur_z = t.keys[layer], t.init
     else:
         rec = replay_keys(editor.model, editor.adapter, t, layers[0], key_layers=[layer], z_layer=top)
-        bare = b.bare_rows().to(b.subj_cols.device)
+        z_all = rec.block_out[top]
+        bare = b.bare_rows().to(z_all.device)
         key_rows = rec.keys[layer]
-        cur_z = rec.block_out[top][bare, b.subj_cols[bare]]
-    keys = weighted_keys(key_rows, b, editor.contexts())  # (n, d_in)
-    resid = (t.target.double() - cur_z.double()) / (len(layers) - j)  # (n, d_out)
-    return keys, resid
+        cur_z = z_all[bare, like(b.subj_cols, z_all)[bare]]
+    dev = editor.adapter.rewrite_module(layer).weight.device
+    keys = weighted_keys(key_rows, b, editor.contexts()).to(dev)  # (n, d_in)
+    resid = (t.target.double() - cur_z.double().to(t.target.device)) / (len(layers) - j)  # (n, d_out)
+    return keys, resid.to(dev)
 
 
 # -- the editor base ---------------------------------------------------------------------------
@@ -612,6 +624,8 @@ class LocateEditor(WeightEditor):
             max_length=hp.mom2_max_length, ridge=hp.mom2_ridge, cache_dir=self.context.cache("stats"),
             model_name=self.context.model_name,
         )
+        for layer, sm in stats.items():  # C and its factor live where the layer's weight does
+            sm.to(module_device(self.model, self.adapter.rewrite_name(layer)))
         self._stats.update(stats)
         meta = next(iter(stats.values())).meta
         self._stats_info = {

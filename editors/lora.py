@@ -51,6 +51,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from knowbench.devices import devices_of, input_device
 from knowbench.editor import ChangeKind, Editor, EditOutcome, EditRequest, RunContext
 
 from .ft import target_batch
@@ -158,6 +159,9 @@ class _PeftAdapters(Editor):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # peft's notes on fan_in_fan_out / r for AdaLoRA
             self.tuner = self._tuner_cls()(self.model, self._peft_config(), ADAPTER)
+        # a float16 / bfloat16 model's adapters train in float32, as peft's get_peft_model makes them
+        # (the tuner built directly skips that; Adam's ε = 1e-8 is 0 in float16: NaN at the first step)
+        self.tuner._cast_adapter_dtype(ADAPTER, autocast_adapter_dtype=True)
         self._adapter_mode(False)  # peft makes its modules in training mode; apply decides
         # peft freezes every base parameter; apply freezes them only while it trains
         self._reset_requires_grad()
@@ -223,13 +227,14 @@ class _PeftAdapters(Editor):
 
     def apply(self, requests: list[EditRequest]) -> EditOutcome:
         hp: LoRAHparams = self.hparams
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)
         batch = [t.to(device) for t in self._batch(requests)]  # fails before anything changes
         size = hp.batch_size if hp.batch_size > 0 else len(requests)
         chunks = [[t[i : i + size] for t in batch] for i in range(0, len(requests), size)]
         self.n_applies += 1
         fresh = self.tuner is None
-        forked = [device.index or 0] if device.type == "cuda" else []
+        # every GPU the model (and so its adapters' dropout) uses: a model may be spread over several
+        forked = sorted({d.index or 0 for d in devices_of(self.model) if d.type == "cuda"})
         losses: list[float] = []
         with torch.random.fork_rng(devices=forked):
             torch.manual_seed(self.context.seed + self.n_applies)

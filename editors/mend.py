@@ -72,6 +72,7 @@ from torch.func import functional_call
 from knowbench.editor import (
     Artefact, ChangeKind, EditOutcome, EditRequest, RunContext, Site, TrainSplit, WeightEditor, hparams_to_dict,
 )
+from knowbench.devices import input_device, like
 from knowbench.scoring import _fit, _max_positions, target_spans
 from knowbench.tokens import pad_batch, pad_id
 
@@ -330,7 +331,9 @@ class MEND(WeightEditor):
         return nets.to(self._device())
 
     def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where token rows, the networks and α live: the input embeddings' device (the factors of
+        a matrix on another device are moved there, its ΔW back to the matrix's device)."""
+        return input_device(self.model)
 
     def outer_parameters(self) -> list[nn.Parameter]:
         return list(self.nets.parameters()) + [self.alpha]
@@ -428,7 +431,9 @@ class MEND(WeightEditor):
         out: dict[str, torch.Tensor] = {}
         for key, idx in by_net.items():
             net = self.nets[key]
-            h0 = [net.standardise(*factors[self.matrices[i].name], update_stats=update_stats) for i in idx]
+            # the factors of a matrix on another device than the networks go to theirs
+            h0 = [net.standardise(*(like(f, self.alpha) for f in factors[self.matrices[i].name]),
+                                  update_stats=update_stats) for i in idx]
             sizes = [h.shape[0] for h in h0]
             modes = torch.cat([torch.full((n,), self.matrices[i].mode, dtype=torch.long) for i, n in zip(idx, sizes)])
             h = net.transform(torch.cat(h0), modes.to(h0[0].device))
@@ -465,7 +470,7 @@ class MEND(WeightEditor):
         base = {m.name: self.model.get_parameter(m.name).detach() for m in self.matrices}
         with torch.set_grad_enabled(train):
             deltas = self.deltas(factors, update_stats=train)
-            edited = {n: base[n] + deltas[n].to(base[n].dtype) for n in base}
+            edited = {n: base[n] + deltas[n].to(base[n].device, base[n].dtype) for n in base}
             if ex.loc is None:
                 post_edit = self._logits(ex.edit, edited)
             else:

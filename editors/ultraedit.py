@@ -59,8 +59,8 @@ key covariance). Where a written module is its layer's rewrite module (GPT-2 c_p
 down_proj) the outcome carries a :class:`LayerTrace` with one row per request: the key at the last
 prompt token (the position that predicts the target's first token), δ = v̂ there and
 v* = W_before k (+ bias) + δ; rows at the other cached positions are written but not traced. The
-weight diagnostics watch rewrite modules only, so gate_proj / up_proj / c_fc sites are named but not
-yet diagnosed.
+weight diagnostics watch every module named in ``sites()`` (keys = its input); sites other than the
+rewrite module get the observed interference only.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from knowbench.devices import input_device, like
 from knowbench.editor import ChangeKind, EditOutcome, EditRequest, LayerTrace, RunContext, Site, WeightEditor
 
 from .ft import target_batch
@@ -250,7 +251,7 @@ class UltraEdit(WeightEditor):
         anchors: list[int] = []
         losses: list[float] = []
         n_rows = 0
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)
         for c0 in range(0, len(requests), hp.batch_size_once):
             chunk = requests[c0 : c0 + hp.batch_size_once]
             input_ids, mask, labels, spans = target_batch(self.tok, self.model, chunk, self.name)
@@ -312,8 +313,9 @@ class UltraEdit(WeightEditor):
         for m, g in zip(self.modules, got):
             if g is None:  # a module the loss does not reach (cannot happen below the head)
                 g = torch.zeros_like(zeros[m])
-            k_out[m] = inputs[m][where].detach().to(torch.float64).cpu()
-            g_out[m] = g[where].detach().to(torch.float64).cpu()
+            # the positions on each module's own device (a model may be spread over several)
+            k_out[m] = inputs[m][tuple(like(w, inputs[m]) for w in where)].detach().to(torch.float64).cpu()
+            g_out[m] = g[tuple(like(w, g) for w in where)].detach().to(torch.float64).cpu()
         return k_out, g_out, float(loss.detach())
 
     # -- 2–4. normalise, solve, write -----------------------------------------------------------------

@@ -130,6 +130,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from knowbench.devices import input_device, like
 from knowbench.editor import ChangeKind, Editor, EditOutcome, EditRequest, PromptOwner, RunContext, hparams_to_dict
 from knowbench.keys import lm_logits, record
 from knowbench.scoring import _fit, _max_positions, join_prompt_target, readable, target_spans
@@ -262,9 +263,10 @@ class _Step:
     unrelated rows are out of scope over all their tokens in every mode."""
 
     def __init__(self, ed: "WISE", rec: Any, rows: _Rows):
-        L, dev = ed.layer, rows.ids.device
+        # per-token work happens where the edited module lives; the rows were fed from the inputs' device
+        L, dev = ed.layer, ed.w0.device
         self.ed, self.rec = ed, rec
-        self.flat = rows.mask.bool()  # (B, T)
+        self.flat = rows.mask.bool().to(dev)  # (B, T)
         self.a = rec.keys[L]  # (N, d_in), real tokens in row-major order (record's flattening)
         B, T = rows.ids.shape
         self.row = torch.arange(B, device=dev)[:, None].expand(B, T)[self.flat]  # (N,)
@@ -323,8 +325,9 @@ class _Step:
             h = self.h0[self.t_rows, self.t_cols] + diff[self.t_flat]  # block L's output at the targets
         else:
             h = self.h0.index_put((self.flat.nonzero(as_tuple=True)), diff, accumulate=True)
-            h = self.rec.replay(h, ed.layer + 1)[self.t_rows, self.t_cols]
-        logits = lm_logits(ed.adapter, h).float()  # (n_target_tokens, vocab)
+            h = self.rec.replay(h, ed.layer + 1)
+            h = h[like(self.t_rows, h), like(self.t_cols, h)]
+        logits = lm_logits(ed.adapter, h).float().to(out.device)  # (n_target_tokens, vocab)
         ce = (F.cross_entropy(logits, self.labels, reduction="none") * self.weights).sum()
         dist = self.dist(w, out)
         d_in = self.mean(dist, self.w_in)[: self.n_edit_rows]
@@ -737,8 +740,8 @@ class WISE(Editor):
                 at = text.find(req.subject, c0)
                 if at >= 0:
                     subject[r] = self._token_span(joined, full[r], at, at + len(req.subject))
-        device = self.w0.device
-        ids, mask, pos, _ = pad_batch([s for s, _ in spans] + locs, pad_id(self.tok), "right", device)
+        device = self.w0.device  # the targets' indices: used with the module's tensors
+        ids, mask, pos, _ = pad_batch([s for s, _ in spans] + locs, pad_id(self.tok), "right", input_device(self.model))
         rows, cols, labels, weights = [], [], [], []
         for r, (s, start) in enumerate(spans):
             n_t = len(s) - start
@@ -900,9 +903,9 @@ class WISE(Editor):
         for i, p in enumerate(prompts):
             ids = list(self.tok(readable(p), add_special_tokens=True)["input_ids"])
             seqs.append(_fit(ids, len(ids), limit, i, bos)[0])
-        ids, mask, pos, _ = pad_batch(seqs, pad_id(self.tok), "right", self.w0.device)
+        ids, mask, pos, _ = pad_batch(seqs, pad_id(self.tok), "right", input_device(self.model))
         a, out0 = self._capture(ids, mask, pos)
-        choice, best, _ = self.route(a, out0, mask.float())
+        choice, best, _ = self.route(a, out0, mask.float().to(a.device))
         return choice.tolist(), best.tolist()
 
     def _memory_records(self, choice: int) -> set[int]:

@@ -53,7 +53,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    "<model>_<protocol>_s<seed>_<time>.json)")
     p.add_argument("--log-records", default=None, metavar="FILE", help="also write per-record scores "
                    "(JSON lines, each naming its record's index in the source file)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps, or auto (a Hugging Face / "
+                   "local model spread over every GPU, then the CPU, with accelerate; built-in models go to "
+                   "cuda:0, else the CPU) (default cpu)")
     p.add_argument("--dtype", default="float32", help="model dtype: float32, float16, bfloat16 (default float32)")
     p.add_argument("--hparams", default=None, metavar="FILE", help="YAML/JSON file of editor "
                    "hyper-parameters overriding the defaults for this model")
@@ -175,7 +177,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-data", default=None, metavar="FILE", help="the training split itself")
     p.add_argument("--hparams", default=None, metavar="FILE", help="YAML/JSON hyper-parameter overrides")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N, mps, or auto (a Hugging Face / "
+                   "local model spread over every GPU, then the CPU, with accelerate; built-in models go to "
+                   "cuda:0, else the CPU) (default cpu)")
     p.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     p.add_argument("--force", action="store_true", help="train again even if a finished artefact exists")
     p.set_defaults(func=cmd_train)

@@ -132,6 +132,7 @@ def capture_inputs(
     """Keys of (prompt, subject) pairs at any linear modules: each named module's *input* at the key
     position (:func:`_key_rows`), one forward pass per batch with every module hooked (abandoned once
     each has been called): {module name: (n, d_in)} in float32 (float64 for a float64 model)."""
+    from .devices import input_device
     from .keys import StopForward
     from .progress import progress_bar
     from .tokens import pad_batch, pad_id
@@ -139,7 +140,7 @@ def capture_inputs(
     names = list(dict.fromkeys(modules))
     mods = {name: model.get_submodule(name) for name in names}
     param = next(model.parameters())
-    device = param.device
+    device = input_device(model)  # token ids go where the embeddings are (a model may span devices)
     kdtype = torch.float64 if param.dtype == torch.float64 else torch.float32
     n = len(items)
     out = {name: torch.empty(n, linear_weight(m).shape[1], dtype=kdtype) for name, m in mods.items()}
@@ -154,7 +155,7 @@ def capture_inputs(
         if name in got:  # a module called twice in one pass: its first call is the key
             return
         x = args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v))
-        got[name] = x.detach()[where[0]]
+        got[name] = x.detach()[tuple(w.to(x.device) for w in where[0])]
         if len(got) == len(names):
             raise StopForward  # everything is captured: the rest of the pass is not needed
 
@@ -786,6 +787,8 @@ def _block_index(name: str, adapter: ArchAdapter) -> int | None:
 def _call_order(model: nn.Module) -> dict[str, tuple[int, int]]:
     """module name -> (first, last) position at which a call of it starts, in one forward pass of a
     two-token input ({} when that pass fails: every same-block change then counts as moving keys)."""
+    from .devices import input_device
+
     starts: dict[str, list[int]] = {}
     counter = [0]
 
@@ -795,7 +798,7 @@ def _call_order(model: nn.Module) -> dict[str, tuple[int, int]]:
 
     handles = [m.register_forward_pre_hook(functools.partial(pre, name=name)) for name, m in model.named_modules() if name]
     was_training = model.training
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         if was_training:
             model.eval()

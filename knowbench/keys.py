@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .arch import ArchAdapter
+from .devices import like
 
 
 class StopForward(Exception):
@@ -193,8 +194,9 @@ def record(
         flat = attention_mask.bool()
 
     def pick(t: torch.Tensor) -> torch.Tensor:
+        # indices on the tensor's device: a block of a model spread over devices may live elsewhere
         t = t.detach()
-        return t[rows, cols] if positions is not None else t[flat]
+        return t[like(rows, t), like(cols, t)] if positions is not None else t[like(flat, t)]
 
     for layer in key_layers:
         def hook(mod, args, out, layer=layer):

@@ -109,11 +109,14 @@ def _check_count(value: Any, flag: str, allow_none: bool = False) -> None:
 
 
 def check_device(device: str) -> None:
-    """``--device`` names a device this machine has (a :class:`RunError` saying why not)."""
+    """``--device`` names a device this machine has, or is ``auto`` (the model spread over the GPUs,
+    then the CPU: :func:`knowbench.models.load_model`); a :class:`RunError` saying why not."""
+    if str(device).lower() == "auto":
+        return
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError) as exc:
-        raise RunError(f"--device {device}: not a torch device ({exc}); e.g. cpu, cuda, cuda:1, mps") from None
+        raise RunError(f"--device {device}: not a torch device ({exc}); e.g. cpu, cuda, cuda:1, mps, auto") from None
     if dev.type == "cpu":
         return
     if dev.type == "cuda":

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .arch import ArchAdapter, cache_kwargs, returned_cache
+from .devices import input_device
 from .tokens import pad_batch
 from .tokens import pad_id as _pad_id
 
@@ -220,7 +221,8 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    """Where token rows go: the input embeddings' device (see :mod:`knowbench.devices`)."""
+    return input_device(model)
 
 
 def _max_positions(model: torch.nn.Module) -> int | None:
@@ -305,7 +307,8 @@ def _target_logits(
                 first = offs[r] + start - (0 if own_positions else 1)
                 cols.extend(range(first, first + n))
                 sizes.append(n)
-            h = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+            # the last hidden state comes from the final norm's device, not necessarily the inputs'
+            h = hidden[torch.tensor(rows, device=hidden.device), torch.tensor(cols, device=hidden.device)]
             logits = torch.cat(
                 [head(h[c : c + _HEAD_CHUNK]).float() for c in range(0, h.shape[0], _HEAD_CHUNK)]
             )

@@ -39,6 +39,7 @@ from torch import nn
 
 from . import __version__
 from .arch import ArchAdapter, cache_kwargs, returned_cache
+from .devices import input_device, like, module_device
 from .editor import StatsOptions
 from .keys import StopForward
 from .linalg import jittered_cholesky
@@ -291,7 +292,7 @@ def sample_texts(
     ``length_params`` is a list of (total tokens including the start, count). With ``starts``
     (e.g. "The", "Therefore", ...) each length draws count // len(starts) texts per start word;
     without, generation starts from the BOS (or EOS) token alone."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     was_training = model.training
     model.eval()
@@ -557,7 +558,7 @@ def key_statistics(
         model, tok, layers, corpus, n_samples=n, dtype=dtype, max_length=max_length,
         cache_dir=cache_dir if cache_dir is not None else default_cache_dir(), model_name=model_name,
         progress=bool(options.progress),
-        device=device if device is not None else next(model.parameters()).device,
+        device=device if device is not None else input_device(model),
     )
     for sm in stats.values():
         sm.set_ridge(ridge)
@@ -603,18 +604,21 @@ def _compute(
                    "bfloat16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
         raise ValueError(f"mom2_dtype {dtype!r}: use float32, float64, float16 or bfloat16")
-    device = device or next(model.parameters()).device
+    device = device or input_device(model)  # where the token rows go
     enc = tok(texts, add_special_tokens=True, truncation=True, max_length=maxlen)["input_ids"]
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
-    sums = {layer: torch.zeros(adapter.key_dim(layer), adapter.key_dim(layer), dtype=torch.float64, device=device)
+    # each layer's sum where its rewrite module lives (blocks may sit on several devices)
+    sums = {layer: torch.zeros(adapter.key_dim(layer), adapter.key_dim(layer), dtype=torch.float64,
+                               device=module_device(model, adapter.rewrite_name(layer)))
             for layer in layers}
     count = 0
     acc_dtype = torch_dtype if torch_dtype in (torch.float32, torch.float64) else torch.float32
     mask_holder: dict[str, torch.Tensor] = {}
 
     def hook(mod, args, out, layer):
-        k = args[0][mask_holder["m"]].to(torch_dtype).to(acc_dtype)
-        sums[layer] += (k.T @ k).double()
+        # the outer products in ``dtype`` (float32 by default, whatever the model's dtype), summed in float64
+        k = args[0][like(mask_holder["m"], args[0])].to(torch_dtype).to(acc_dtype)
+        sums[layer] += (k.T @ k).double().to(sums[layer].device)
 
     handles = [adapter.rewrite_module(layer).register_forward_hook(lambda m, a, o, layer=layer: hook(m, a, o, layer))
                for layer in layers]
