@@ -144,8 +144,8 @@ def test_shipped_grids():
         assert "limit" not in c.options and c.options["curve_every"] == c.options["sequential"] // 20
     assert protos["ft-m"] == {"seq100-both", "seq1000-both", "seq1000-b100-final"}
     assert protos["rome"] == {"seq100-both", "seq1000-both"}
-    assert protos["grace"] == {"seq100-final", "seq1000-final"}
-    assert protos["ultraedit"] == {"seq100-final", "seq1000-final", "seq1000-b100-final"}
+    assert protos["grace"] == protos["wise"] == {"seq100-both", "seq1000-both"}  # one edit at a time
+    assert protos["ultraedit"] == {"seq100-both", "seq1000-both", "seq1000-b100-final"}
 
 
 # -- running ---------------------------------------------------------------------------------------

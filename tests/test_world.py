@@ -22,7 +22,8 @@ from knowbench.world import (
     world_main,
     write_tasks,
 )
-from knowbench.world.corpus import epoch_units, icl_documents, test_edits
+from knowbench.world.corpus import epoch_units, icl_documents
+from knowbench.world.corpus import test_edits as edits_of_test_files  # not a test: pytest would collect it
 from knowbench.world.tasks import TRAIN_FILES, build_train_tasks, relation_of
 from knowbench.world.templates import RELATIONS
 
@@ -182,7 +183,7 @@ def test_training_splits_share_no_edit_with_any_test_file(world):
 
 
 def test_in_context_documents_never_update_a_test_fact(world):
-    excluded = test_edits(world)
+    excluded = edits_of_test_files(world)
     docs = icl_documents(world, DEFAULT_SEED, 0, excluded, n_docs=300)
     blocks = [b for d in docs for b in d.split("\n\n")]
     assert len(blocks) > len(docs)  # documents with demonstrations before the last block
