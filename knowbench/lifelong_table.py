@@ -306,13 +306,15 @@ def lifelong_figure(table: LifelongTable, out: Path) -> Path:
     runs = curve_runs(table)
     if not runs:
         raise LifelongTableError(f"{table.title}: no result has a lifelong curve (run with --curve-every K)")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
+    colours = plt.get_cmap("tab20").colors  # 20 distinct colours; the markers and dashes tell more apart
     for i, (editor, (s, curve)) in enumerate(runs.items()):
+        style = {"color": colours[(2 * i) % 20 + (i // 10) % 2], "marker": "os^Dv"[i % 5],
+                 "ls": "-" if i < 10 else "--"}
         for ax, m in zip(axes, ("edit_succ", "locality")):
             pts = [(pt["edits"], pt[m]) for pt in curve if m in pt]
             if pts:
-                ax.plot(*zip(*pts), marker="o", ms=2.5, lw=1.3, color=f"C{i % 10}",
-                        label=f"{display_name(editor)} ({s.label})")
+                ax.plot(*zip(*pts), ms=3, lw=1.3, label=f"{display_name(editor)} ({s.label})", **style)
     for ax, m in zip(axes, ("edit_succ", "locality")):
         ax.set_xlabel("edits applied")
         ax.set_ylabel(f"{LABELS[m]} (×100, probe subset)")
@@ -320,7 +322,7 @@ def lifelong_figure(table: LifelongTable, out: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_title("edits kept (probe records' own edits)")
     axes[1].set_title("locality (probe records' locality prompts)")
-    axes[1].legend(fontsize=7, loc="best")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside the plots, not on the lines
     fig.suptitle(f"{table.knowedit_name} · model {table.model}", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
