@@ -18,7 +18,12 @@ exactly is pickled as a reference, not by value:
     every parameter / buffer of the loaded model that no edit   -> the freshly loaded model's tensor
     changed (its fingerprint still equals the loaded one's)        of that name
 
-so a checkpoint of a large model holds the edited weights and the editor's state, not the model.
+    every tensor the editor and the observer   -> the resumed run's tensor at the same place
+    held before the first edit (C, its factor,    (their set-up is deterministic; a fingerprint
+    probe keys), unchanged since                   per tensor checks it on resume)
+
+so a checkpoint of a large model holds the edited weights and what the edits changed of the editor's
+state, not the model or the statistics the editor prepared.
 ``resume`` rebuilds the run up to its first edit (records, model, editor set-up, the unedited
 reference and pre-edit scores: deterministic), loads the body against it and continues the loop at
 the next apply with the random states it stopped with, so the metrics equal those of the run done
@@ -96,11 +101,12 @@ class Loaded:
 
 
 class _Pickler(pickle.Pickler):
-    def __init__(self, f: Any, refs: dict[int, Any], loaded: Loaded, changed: set[str]):
+    def __init__(self, f: Any, refs: dict[int, Any], loaded: Loaded, changed: set[str],
+                 setup: "SetupTensors | None" = None):
         super().__init__(f, protocol=pickle.HIGHEST_PROTOCOL)
         self.refs = refs
         self.by_id = {id(t): n for n, t in loaded.tensors.items()}
-        self.loaded, self.changed = loaded, changed
+        self.loaded, self.changed, self.setup = loaded, changed, setup
         self.n_ref = self.n_value = 0
 
     def persistent_id(self, obj: Any) -> Any:
@@ -112,14 +118,63 @@ class _Pickler(pickle.Pickler):
             if name is not None and name not in self.changed and fingerprint(obj) == self.loaded.prints[name]:
                 self.n_ref += 1
                 return ("tensor", name)
+            i = self.setup.index.get(id(obj)) if self.setup is not None else None
+            if i is not None and fingerprint(obj) == self.setup.prints[i]:
+                self.n_ref += 1
+                return ("setup", i)
             self.n_value += 1
         return None
 
 
+class _Sink:
+    """A file that keeps nothing (a pickling pass run for what it visits)."""
+
+    def write(self, b: Any) -> int:
+        return len(b)
+
+
+class _Collector(_Pickler):
+    """Visits an object graph as pickling does, listing its tensors (not the model's) in order."""
+
+    def __init__(self, refs: dict[int, Any], loaded: Loaded):
+        super().__init__(_Sink(), refs, loaded, set())
+        self.found: list[torch.Tensor] = []
+        self.seen: set[int] = set()
+
+    def persistent_id(self, obj: Any) -> Any:
+        pid = super().persistent_id(obj)
+        if pid is None and isinstance(obj, torch.Tensor) and id(obj) not in self.seen:
+            self.seen.add(id(obj))
+            self.found.append(obj)
+        return pid
+
+
+@dataclass
+class SetupTensors:
+    """The tensors an editor and an observer hold before the first edit (key statistics, their
+    factors, probe keys), in the order pickling visits them: a deterministic set-up rebuilds the same
+    list on resume, so a checkpoint names them by position instead of storing them."""
+
+    tensors: list[torch.Tensor]
+    prints: list[tuple[float, float, float]]
+    index: dict[int, int]
+
+    @classmethod
+    def of(cls, objs: Any, refs: dict[str, Any], loaded: Loaded) -> "SetupTensors":
+        c = _Collector({id(o): name for name, o in refs.items()}, loaded)
+        try:
+            c.dump(objs)
+        except Exception as exc:  # noqa: BLE001 - unpicklable state: the checkpoint write says so
+            log.debug("checkpoint: set-up tensors not collected (%s)", exc)
+            c.found = []
+        prints = [fingerprint(t) for t in c.found]
+        return cls(c.found, prints, {id(t): i for i, t in enumerate(c.found)})
+
+
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, f: Any, objs: dict[str, Any], loaded: Loaded):
+    def __init__(self, f: Any, objs: dict[str, Any], loaded: Loaded, setup: SetupTensors | None = None):
         super().__init__(f)
-        self.objs, self.loaded = objs, loaded
+        self.objs, self.loaded, self.setup = objs, loaded, setup
 
     def persistent_load(self, pid: Any) -> Any:
         kind, key = pid
@@ -131,6 +186,10 @@ class _Unpickler(pickle.Unpickler):
             if key not in self.loaded.tensors:
                 raise CheckpointError(f"the checkpoint refers to the model's {key}, which the loaded model has not")
             return self.loaded.tensors[key]
+        if kind == "setup":
+            if self.setup is None or key >= len(self.setup.tensors):
+                raise CheckpointError(f"the checkpoint refers to set-up tensor {key}, which the resumed run has not")
+            return self.setup.tensors[key]
         raise CheckpointError(f"unknown reference {pid!r} in the checkpoint")
 
 
@@ -148,20 +207,21 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 
 def save(path: str | Path, header: dict[str, Any], body: dict[str, Any], refs: dict[str, Any],
-         loaded: Loaded, changed: set[str]) -> dict[str, int]:
+         loaded: Loaded, changed: set[str], setup: SetupTensors | None = None) -> dict[str, int]:
     """Write a checkpoint atomically (a temporary file beside it, then a rename): ``header`` as a
     JSON line, ``body`` pickled with the objects of ``refs`` (name -> object) and the loaded model's
     unchanged tensors as references. Returns how many tensors went by reference and by value."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    p = _Pickler(buf, {id(o): name for name, o in refs.items()}, loaded, changed)
+    p = _Pickler(buf, {id(o): name for name, o in refs.items()}, loaded, changed, setup)
     try:
         p.dump(body)
     except (pickle.PicklingError, TypeError, AttributeError) as exc:
         raise CheckpointError(
             f"cannot checkpoint this run: part of its state cannot be pickled ({exc}); an editor that "
             "keeps such state (a lambda, an open file, a thread) must keep it picklable") from exc
+    header = {**header, "setup_prints": [list(x) for x in setup.prints] if setup is not None else []}
     head = json.dumps({"format": FORMAT, **header}, default=str).encode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -193,12 +253,19 @@ def read_header(path: str | Path) -> dict[str, Any]:
     return head
 
 
-def load_body(path: str | Path, objs: dict[str, Any], loaded: Loaded) -> dict[str, Any]:
-    """Unpickle the checkpoint's body against the resumed run's ``objs`` and loaded model."""
+def load_body(path: str | Path, objs: dict[str, Any], loaded: Loaded, setup: SetupTensors | None = None) -> dict[str, Any]:
+    """Unpickle the checkpoint's body against the resumed run's ``objs``, loaded model and set-up
+    tensors (checked against the fingerprints the checkpoint recorded for them)."""
     with open(path, "rb") as f:
-        f.readline()
+        head = json.loads(f.readline())
+        want = [tuple(x) for x in head.get("setup_prints", [])]
+        if want:
+            have = setup.prints[: len(want)] if setup is not None else []
+            if len(have) < len(want) or any(a != b for a, b in zip(want, have)):
+                raise CheckpointError(f"--resume {path}: the editor's or the observer's set-up differs from that of "
+                                      "the run that wrote the checkpoint")
         try:
-            return _Unpickler(f, objs, loaded).load()
+            return _Unpickler(f, objs, loaded, setup).load()
         except CheckpointError:
             raise
         except Exception as exc:  # a truncated or foreign file

@@ -215,14 +215,14 @@ def run_all(cfg: RunConfig, resume: str | None = None) -> list[dict[str, Any]]:
     pre_s = time.perf_counter() - t0
 
     observer = None
-    if cfg.diagnostics and resume is None:
+    if cfg.diagnostics:  # on resume too: its set-up tensors are what the checkpoint refers to
         probes = fitting_probes(family.probes(records), lm, model_name)
         observer = observer_for(editor, evaluator, records, probes, accumulating=protocol.accumulates,
                                 seed=cfg.seed, options=cfg.extra.get("diagnostics"))
     start = None
     if ckpt is not None:
         ckpt.bind(records, hparams_hash(hp), {"tok": lm.tokenizer, "evaluator": evaluator, "family": family,
-                                              "context": editor.context})
+                                              "context": editor.context}, (editor, observer))
         if resume is not None:  # the edited model, the editor and the observer as the checkpoint left them
             start = ckpt.load(resume)
             lm.model = evaluator.model = start["model"]
@@ -539,6 +539,7 @@ class _Checkpointing:
     loaded: Any  # checkpoint.Loaded: the unedited model's tensors and fingerprints
     header: dict[str, Any] = field(default_factory=dict)
     refs: dict[str, Any] = field(default_factory=dict)
+    setup: Any = None  # checkpoint.SetupTensors of the editor and observer before the first edit
     t0: float = field(default_factory=time.perf_counter)
     elapsed_before: float = 0.0
 
@@ -553,12 +554,16 @@ class _Checkpointing:
         path = Path(cfg.checkpoint or resume or checkpoint_path(cfg))
         return cls(cfg, path, cfg.checkpoint_every, Loaded.of(model))
 
-    def bind(self, records: Sequence[EditRecord], hp_hash: str, objects: dict[str, Any]) -> None:
-        """The run's records and hyper-parameters (checked on resume) and the objects a resumed run
-        rebuilds itself (pickled as references)."""
+    def bind(self, records: Sequence[EditRecord], hp_hash: str, objects: dict[str, Any], prepared: Any) -> None:
+        """The run's records and hyper-parameters (checked on resume), the objects a resumed run
+        rebuilds itself and, in ``prepared`` (the editor and the observer before the first edit),
+        the tensors its set-up rebuilds (both pickled as references)."""
+        from .checkpoint import SetupTensors
+
         self.header = {"config": asdict(self.cfg), "indices": [r.index for r in records], "hparams_hash": hp_hash,
                        "model_print": self.loaded.model_print(), "knowbench": __version__}
         self.refs = {**objects, **{f"record:{r.index}": r for r in records}}
+        self.setup = SetupTensors.of(prepared, self.refs, self.loaded)
 
     def due(self, done: int) -> bool:
         return bool(self.every) and done // self.every > self.header.get("done", 0) // self.every
@@ -573,7 +578,7 @@ class _Checkpointing:
                 "done": done, "edited": edited, "next_curve": next_curve, "rng": rng_states(), "elapsed_s": elapsed}
         self.header.update(done=done, position=position)
         t0 = time.perf_counter()
-        sizes = save(self.path, self.header, body, self.refs, self.loaded, changed)
+        sizes = save(self.path, self.header, body, self.refs, self.loaded, changed, self.setup)
         PROGRESS.checkpoint, PROGRESS.checkpoint_edits = str(self.path), done
         log.info("checkpoint after %d edits: %s (%.1f MB, %d tensors by value, %d by reference; %.1f s)",
                  done, self.path, sizes["bytes"] / 2**20, sizes["by_value"], sizes["by_reference"],
@@ -590,7 +595,7 @@ class _Checkpointing:
                 raise CheckpointError(f"--resume {resume}: {what} differ from those of the run that wrote it")
         if head.get("knowbench") != __version__:
             log.warning("--resume %s: written by knowbench %s, resumed by %s", resume, head.get("knowbench"), __version__)
-        start = load_body(resume, self.refs, self.loaded)
+        start = load_body(resume, self.refs, self.loaded, self.setup)
         self.header.update(done=start["done"], position=start["position"])
         self.elapsed_before = start["elapsed_s"]
         PROGRESS.checkpoint, PROGRESS.checkpoint_edits = str(resume), start["done"]

@@ -87,10 +87,11 @@ def test_killed_and_resumed_equals_one_go(tmp_path, monkeypatch, editor, model, 
         assert _comparable(a) == _comparable(b)
 
 
-def test_checkpoint_holds_edited_weights_not_the_model(tmp_path, monkeypatch):
-    """Unchanged tensors of the loaded model go into the checkpoint by reference."""
-    cfg = _cfg(tmp_path, "ft-m", "embedded", 4, checkpoint_every=1, checkpoint=str(tmp_path / "c.ckpt"),
-               diagnostics=False)
+@pytest.mark.parametrize("editor", ["ft-m", "rome"])
+def test_checkpoint_holds_edited_weights_not_the_model(tmp_path, monkeypatch, editor):
+    """Unchanged tensors of the loaded model, and what the editor and the observer prepared before
+    the first edit (ROME's C and its factor: 64 MB in float64 here), go in by reference."""
+    cfg = _cfg(tmp_path, editor, "embedded", 4, checkpoint_every=1, checkpoint=str(tmp_path / "c.ckpt"))
     ckpt = _interrupted(monkeypatch, cfg, kill_after_writes=1)
     from knowbench.models import load_model
 
