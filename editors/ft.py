@@ -29,7 +29,7 @@ from knowbench.editor import ChangeKind, EditOutcome, EditRequest, RunContext, S
 from knowbench.scoring import _fit, _max_positions, target_spans
 from knowbench.tokens import pad_batch, pad_id
 
-from .hparams_yaml import find_hparams_file
+from .hparams_yaml import YamlHparams
 
 
 @dataclass
@@ -65,17 +65,12 @@ def _default_layer(n_layers: int) -> int:
     return min(n_layers - 1, int(n_layers * 21 / 32))
 
 
-class _FineTune(WeightEditor):
+class _FineTune(YamlHparams, WeightEditor):
     hparams_cls: ClassVar[type] = FTHparams
     kind: ClassVar[ChangeKind] = ChangeKind.WEIGHTS
     supports_batch: ClassVar[bool] = True
     last_position_only: ClassVar[bool] = False
 
-    @classmethod
-    def default_hparams(cls, model: Any, model_name: str = "") -> FTHparams:
-        """editors/hparams/{ft-l,ft-m}-*.yaml when one matches the model, else the references'."""
-        found = find_hparams_file(cls.name, model, model_name)
-        return cls.hparams_cls(**found[1]) if found else cls.hparams_cls()
 
     def __init__(self, model: Any, tokenizer: Any, hparams: FTHparams, context: RunContext):
         super().__init__(model, tokenizer, hparams, context)

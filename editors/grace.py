@@ -92,7 +92,7 @@ from knowbench.scoring import _fit, _max_positions, readable
 from knowbench.tokens import pad_batch, pad_id
 
 from .ft import target_batch
-from .hparams_yaml import find_hparams_file
+from .hparams_yaml import YamlHparams
 
 log = logging.getLogger(__name__)
 
@@ -186,17 +186,12 @@ class Codebook:
         self.__init__(self.d_in, self.d_out)
 
 
-class GRACE(Editor):
+class GRACE(YamlHparams, Editor):
     name: ClassVar[str] = "grace"
     hparams_cls: ClassVar[type] = GRACEHparams
     kind: ClassVar[ChangeKind] = ChangeKind.MODULES
     supports_batch: ClassVar[bool] = False  # EasyEdit's batch size 1
 
-    @classmethod
-    def default_hparams(cls, model: nn.Module, model_name: str = "") -> GRACEHparams:
-        """editors/hparams/grace-*.yaml when one matches the model, else the Llama-7B reference's."""
-        found = find_hparams_file(cls.name, model, model_name)
-        return GRACEHparams(**found[1]) if found else GRACEHparams()
 
     def __init__(self, model: nn.Module, tokenizer: Any, hparams: GRACEHparams, context: RunContext):
         super().__init__(model, tokenizer, hparams, context)

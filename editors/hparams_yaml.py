@@ -46,3 +46,16 @@ def find_hparams_file(editor: str, model: nn.Module, model_name: str) -> tuple[A
             continue
         return f, hp
     return None
+
+
+class YamlHparams:
+    """Editor mixin: ``default_hparams`` from the first ``editors/hparams/{name}-*.yaml`` that matches
+    the model (:func:`find_hparams_file`), else ``hparams_cls()`` (the reference's values)."""
+
+    name: str
+    hparams_cls: type
+
+    @classmethod
+    def default_hparams(cls, model: nn.Module, model_name: str = "") -> Any:
+        found = find_hparams_file(cls.name, model, model_name)
+        return cls.hparams_cls(**found[1]) if found else cls.hparams_cls()

@@ -57,7 +57,7 @@ from knowbench.editor import ChangeKind, Editor, EditOutcome, EditRequest, Promp
 from knowbench.encoder import DEFAULT_ENCODER
 from knowbench.scoring import _max_positions, readable
 
-from .hparams_yaml import find_hparams_file
+from .hparams_yaml import YamlHparams
 
 log = logging.getLogger(__name__)
 
@@ -211,18 +211,13 @@ def build_pool(records: Sequence[Any], kinds: Sequence[str]) -> Pool:
     return Pool(texts, out_kinds, duplicates=duplicates)
 
 
-class IKE(_InContext):
+class IKE(YamlHparams, _InContext):
     """In-context editing with k demonstrations retrieved from the task's training split."""
 
     name = "ike"
     hparams_cls: ClassVar[type] = IKEHparams
     uses_train_split: ClassVar[bool] = True
 
-    @classmethod
-    def default_hparams(cls, model: Any, model_name: str = "") -> IKEHparams:
-        """editors/hparams/ike-*.yaml when one matches the model, else EasyEdit's (k = 16)."""
-        found = find_hparams_file(cls.name, model, model_name)
-        return IKEHparams(**found[1]) if found else IKEHparams()
 
     def __init__(self, model: Any, tokenizer: Any, hparams: IKEHparams, context: RunContext):
         super().__init__(model, tokenizer, hparams, context)

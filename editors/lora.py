@@ -55,7 +55,7 @@ from knowbench.devices import devices_of, input_device
 from knowbench.editor import ChangeKind, Editor, EditOutcome, EditRequest, RunContext
 
 from .ft import target_batch
-from .hparams_yaml import find_hparams_file
+from .hparams_yaml import YamlHparams
 
 SEMANTICS = "easyedit@14cea82"
 ADAPTER = "default"  # peft's adapter name; there is only ever one
@@ -95,18 +95,13 @@ class AdaLoRAHparams(LoRAHparams):
     orth_reg_weight: float = 0.5
 
 
-class _PeftAdapters(Editor):
+class _PeftAdapters(YamlHparams, Editor):
     """Shared machinery: target resolution, injection, training loop, exact removal."""
 
     kind: ClassVar[ChangeKind] = ChangeKind.MODULES
     supports_batch: ClassVar[bool] = True
     hparams_cls: ClassVar[type] = LoRAHparams
 
-    @classmethod
-    def default_hparams(cls, model: Any, model_name: str = "") -> LoRAHparams:
-        """editors/hparams/{lora,adalora}-*.yaml when one matches the model, else the Llama reference."""
-        found = find_hparams_file(cls.name, model, model_name)
-        return cls.hparams_cls(**found[1]) if found else cls.hparams_cls()
 
     def __init__(self, model: nn.Module, tokenizer: Any, hparams: LoRAHparams, context: RunContext):
         super().__init__(model, tokenizer, hparams, context)

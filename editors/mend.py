@@ -76,7 +76,7 @@ from knowbench.devices import input_device, like
 from knowbench.scoring import _fit, _max_positions, target_spans
 from knowbench.tokens import pad_batch, pad_id
 
-from .hparams_yaml import find_hparams_file
+from .hparams_yaml import YamlHparams
 
 log = logging.getLogger(__name__)
 
@@ -270,18 +270,13 @@ def _kl(base_logits: torch.Tensor, post_logits: torch.Tensor, mask: torch.Tensor
     return (kl * m).sum() / m.sum().clamp(min=1)
 
 
-class MEND(WeightEditor):
+class MEND(YamlHparams, WeightEditor):
     name = "mend"
     hparams_cls: ClassVar[type] = MENDHparams
     kind: ClassVar[ChangeKind] = ChangeKind.WEIGHTS
     supports_batch: ClassVar[bool] = True
     trainable: ClassVar[bool] = True
 
-    @classmethod
-    def default_hparams(cls, model: Any, model_name: str = "") -> MENDHparams:
-        """editors/hparams/mend-*.yaml when one matches the model, else the reference values."""
-        found = find_hparams_file(cls.name, model, model_name)
-        return MENDHparams(**found[1]) if found else MENDHparams()
 
     def __init__(self, model: nn.Module, tokenizer: Any, hparams: MENDHparams, context: RunContext):
         super().__init__(model, tokenizer, hparams, context)

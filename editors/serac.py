@@ -71,7 +71,7 @@ from knowbench.editor import (
     Artefact, ChangeKind, Editor, EditOutcome, EditRequest, PromptOwner, RunContext, TrainSplit, hparams_to_dict,
 )
 
-from .hparams_yaml import find_hparams_file
+from .hparams_yaml import YamlHparams
 
 log = logging.getLogger(__name__)
 
@@ -161,19 +161,13 @@ class _Pairs:
     owner: list[int]  # pool index -> the record (position in the list) it came from, first seen
 
 
-class SERAC(Editor):
+class SERAC(YamlHparams, Editor):
     name = "serac"
     hparams_cls: ClassVar[type] = SERACHparams
     kind: ClassVar[ChangeKind] = ChangeKind.MEMORY
     supports_batch: ClassVar[bool] = True
     trainable: ClassVar[bool] = True
 
-    @classmethod
-    def default_hparams(cls, model: Any, model_name: str = "") -> SERACHparams:
-        """editors/hparams/serac-*.yaml when one matches the model, else the defaults (the head is
-        independent of the base model)."""
-        found = find_hparams_file(cls.name, model, model_name)
-        return SERACHparams(**found[1]) if found else SERACHparams()
 
     def __init__(self, model: nn.Module, tokenizer: Any, hparams: SERACHparams, context: RunContext):
         super().__init__(model, tokenizer, hparams, context)

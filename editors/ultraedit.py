@@ -76,7 +76,7 @@ from knowbench.devices import input_device, like
 from knowbench.editor import ChangeKind, EditOutcome, EditRequest, LayerTrace, RunContext, Site, WeightEditor
 
 from .ft import target_batch
-from .hparams_yaml import find_hparams_file
+from .hparams_yaml import YamlHparams
 
 SEMANTICS = "paper (XiaojieGu/UltraEdit@0beb222 editor/ultraedit.py)"
 EPS = float(torch.finfo(torch.float32).eps)  # the original's ε: finfo of its float32 features
@@ -177,17 +177,12 @@ def _is_conv1d(module: nn.Module) -> bool:
     return isinstance(module, Conv1D)
 
 
-class UltraEdit(WeightEditor):
+class UltraEdit(YamlHparams, WeightEditor):
     name: ClassVar[str] = "ultraedit"
     hparams_cls: ClassVar[type] = UltraEditHparams
     kind: ClassVar[ChangeKind] = ChangeKind.WEIGHTS
     supports_batch: ClassVar[bool] = True
 
-    @classmethod
-    def default_hparams(cls, model: Any, model_name: str = "") -> UltraEditHparams:
-        """editors/hparams/ultraedit-*.yaml when one matches the model, else the depth rule."""
-        found = find_hparams_file(cls.name, model, model_name)
-        return cls.hparams_cls(**found[1]) if found else cls.hparams_cls()
 
     def __init__(self, model: Any, tokenizer: Any, hparams: UltraEditHparams, context: RunContext):
         super().__init__(model, tokenizer, hparams, context)

@@ -137,7 +137,7 @@ from knowbench.scoring import _fit, _max_positions, join_prompt_target, readable
 from knowbench.stats import one_line, sample_texts
 from knowbench.tokens import pad_batch, pad_id
 
-from .hparams_yaml import find_hparams_file
+from .hparams_yaml import YamlHparams
 
 log = logging.getLogger(__name__)
 
@@ -346,18 +346,13 @@ class _Step:
         return loss, {"ce_last": float(ce.detach()), "act_loss_last": float((l_gap + l_out + l_in).detach())}
 
 
-class WISE(Editor):
+class WISE(YamlHparams, Editor):
     name = "wise"
     hparams_cls: ClassVar[type] = WISEHparams
     kind: ClassVar[ChangeKind] = ChangeKind.MODULES
     supports_batch: ClassVar[bool] = False  # one apply may hold several requests, edited in turn
     uses_train_split: ClassVar[bool] = True  # the unrelated rows x_i
 
-    @classmethod
-    def default_hparams(cls, model: nn.Module, model_name: str = "") -> WISEHparams:
-        """editors/hparams/wise-*.yaml when one matches the model, else the Llama-7B reference."""
-        found = find_hparams_file(cls.name, model, model_name)
-        return WISEHparams(**found[1]) if found else WISEHparams()
 
     def __init__(self, model: nn.Module, tokenizer: Any, hparams: WISEHparams, context: RunContext):
         super().__init__(model, tokenizer, hparams, context)
