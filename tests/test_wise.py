@@ -219,8 +219,8 @@ def test_trim_keeps_the_largest_entries():
         trim_magnitude(d, 0.1)
 
 
-def test_retrieve_merges_every_merge_freq(tiny, monkeypatch):
-    model, tok = tiny
+def _spy_on_stored_shards(monkeypatch) -> list[torch.Tensor]:
+    """A list that receives a copy of the side memory each time WISE stores it as a shard."""
     stored = []
     real = WISE._store_shard
 
@@ -229,6 +229,12 @@ def test_retrieve_merges_every_merge_freq(tiny, monkeypatch):
         real(self)
 
     monkeypatch.setattr(WISE, "_store_shard", spy)
+    return stored
+
+
+def test_retrieve_merges_every_merge_freq(tiny, monkeypatch):
+    model, tok = tiny
+    stored = _spy_on_stored_shards(monkeypatch)
     ed = _editor(model, tok, save_freq=1, merge_freq=2)
     ed.apply([REQS[0]])
     assert len(ed.memories) == 1 and ed.memories[0].shards == 1  # a stored shard, retrievable at once
@@ -245,14 +251,7 @@ def test_retrieve_merges_every_merge_freq(tiny, monkeypatch):
 
 def test_merge_mode_schedule_and_weights(tiny, monkeypatch):
     model, tok = tiny
-    stored = []
-    real = WISE._store_shard
-
-    def spy(self):
-        stored.append(self.side.clone())
-        real(self)
-
-    monkeypatch.setattr(WISE, "_store_shard", spy)
+    stored = _spy_on_stored_shards(monkeypatch)
     ed = _editor(model, tok, retrieve=False, save_freq=1, merge_freq=2, densities=0.6)
     ed.apply([REQS[0]])
     assert ed.merged is None and len(ed.pending) == 1
