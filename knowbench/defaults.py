@@ -46,6 +46,11 @@ def default_model() -> str:
     return EMBEDDED_MODEL
 
 
+def is_world_model(model_name: str) -> bool:
+    """``embedded`` or a member of its size family (``embedded-x0.5`` ...): trained on the world's corpus."""
+    return model_name == EMBEDDED_MODEL or model_name.startswith(EMBEDDED_MODEL + "-")
+
+
 def stats_options(model_name: str, lm: "LoadedModel | None" = None) -> "StatsOptions":
     """Where the key statistics C = E[kkᵀ] come from by default: the embedded model's own training
     text for the embedded model, else nothing named (each editor's ``mom2_dataset``). The runner
@@ -53,7 +58,7 @@ def stats_options(model_name: str, lm: "LoadedModel | None" = None) -> "StatsOpt
     from .editor import StatsOptions
 
     world = _world()
-    if model_name == EMBEDDED_MODEL and world is not None:
+    if is_world_model(model_name) and world is not None:
         # the embedded model's own training text: its key statistics come from what it was trained on
         return StatsOptions(
             corpus=world.render_corpus(world.generate(world.DEFAULT_SEED), world.DEFAULT_SEED),

@@ -301,3 +301,45 @@ def test_cli_tasks_and_eval(tmp_path, capsys):
     assert world_main(["tasks", "--out", str(tmp_path / "t"), "--seed", "5"]) == 0
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == sorted([*TASK_FILES.values(), *TRAIN_FILES.values()])
     assert world_main(["eval", "--model", str(tmp_path / "nothing")]) == 2
+
+
+def test_size_family_members_differ_only_in_width_and_build_without_tasks(tmp_path):
+    from dataclasses import replace
+
+    from knowbench.world.train import SIZES, BuildConfig, build, sized
+
+    base = BuildConfig()
+    for size, preset in SIZES.items():
+        cfg = sized(base, size)
+        assert (cfg.n_layer, cfg.vocab_size, cfg.icl_steps, cfg.extra["size"]) == (base.n_layer, base.vocab_size, 0, size)
+        assert cfg.n_inner == 16 * cfg.n_embd and cfg.n_embd // cfg.n_head in (16, 32)
+    assert [sized(base, s).n_embd for s in SIZES] == sorted(sized(base, s).n_embd for s in SIZES)
+    with pytest.raises(ValueError, match="the family has sizes"):
+        sized(base, "x3")
+    cfg = replace(sized(_tiny_config(2), "x0.5"), icl_steps=0)
+    info = build(tmp_path / "m", seed=3, config=cfg, progress=False, evaluate=False, tasks=False)
+    assert info["config"]["extra"]["size"] == "x0.5" and isinstance(info["config"]["bf16_autocast"], bool)
+    assert not (tmp_path / "m" / "tasks").exists()  # a family member shares the shipped task files
+    conf = json.loads((tmp_path / "m" / "model" / "config.json").read_text())
+    assert (conf["n_embd"], conf["n_inner"]) == (64, 1024)
+
+
+@pytest.mark.parametrize("size", ["x0.25", "x0.5", "x1", "x2"])
+def test_shipped_family_members_load_and_know_their_facts(size, world):
+    from knowbench.models import load_model
+    from knowbench.world import size_dir
+    from knowbench.world.evaluate import evaluate_probes
+    from knowbench.world.train import SIZES
+
+    folder = size_dir(size)
+    if not (folder / "model" / "model.safetensors").exists():
+        with pytest.raises(FileNotFoundError, match=f"knowbench world build --size {size}"):
+            load_model(f"embedded-{size}")
+        pytest.skip(f"embedded-{size} is not shipped (build it with `knowbench world build --size {size}`)")
+    info = json.loads((folder / "build_info.json").read_text())
+    assert info["accuracy"]["known"]["accuracy"] >= 99.0
+    lm = load_model(f"embedded-{size}")
+    assert lm.model.config.n_embd == SIZES[size]["n_embd"] and lm.model.config.n_layer == 4
+    _, probes = build_tasks(world)
+    sample = random.Random(2).sample([p for p in probes if "/" in p.group], 200)
+    assert evaluate_probes(lm.model, lm.tokenizer, sample).known >= 97.0

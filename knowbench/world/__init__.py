@@ -25,6 +25,12 @@ MODEL_DIR = DATA_DIR / "model"
 TASKS_DIR = DATA_DIR / "tasks"
 BUILD_INFO = DATA_DIR / "build_info.json"
 DEFAULT_SEED = 0
+SIZES_DIR = DATA_DIR / "sizes"  # the model-size family: sizes/<size>/model, sizes/<size>/build_info.json
+
+
+def size_dir(size: str) -> Path:
+    """Where ``knowbench world build --size SIZE`` writes, and ``--model embedded-SIZE`` reads."""
+    return SIZES_DIR / size
 
 # task names and KnowEdit's spellings of them -> canonical task name
 _TASK_ALIASES = {
@@ -75,6 +81,6 @@ def world_main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [
-    "BUILD_INFO", "DATA_DIR", "MODEL_DIR", "TASKS_DIR", "TASK_FILES", "TaskSizes", "World", "WorldSizes",
+    "BUILD_INFO", "DATA_DIR", "SIZES_DIR", "size_dir", "MODEL_DIR", "TASKS_DIR", "TASK_FILES", "TaskSizes", "World", "WorldSizes",
     "build", "build_tasks", "default_task_file", "generate", "render_corpus", "world_main", "write_tasks",
 ]

@@ -76,9 +76,44 @@ class BuildConfig:
     icl_max_demos: int = 3  # blocks before the last one: demonstrations as IKE puts them (fits 128 positions)
     threads: int = 2
     tokenizer_epochs: int = 2  # corpus epochs the tokenizer is trained on
-    bf16_autocast: bool = True  # bfloat16 matmuls (fp32 master weights): ~25 % faster on AVX512-BF16 CPUs
+    # bfloat16 matmuls (fp32 master weights): ~25 % faster on CPUs with native bfloat16 (AVX512-BF16 /
+    # AMX), but emulated, and many times slower, on CPUs without it; None: use it where it is native
+    bf16_autocast: bool | None = None
     save_fp16: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# The model-size family (`knowbench world build --size S`): the same world, corpus, tokenizer
+# recipe, depth and training schedule (x0.25: longer, below), with the width scaled (head dimension 32, 16 for x0.25, and
+# the MLP 16 × n_embd, as in x1). Depth stays 4 so that every editor's layer choice means the same
+# thing at every size (and so each size builds in under 30 minutes on 2 cores). The family is
+# stage 1 only: it is for the superposition study and lifelong locate-then-edit, not in-context
+# editing.
+SIZES: dict[str, dict[str, Any]] = {
+    # the smallest learns its facts more slowly: twice the steps at a higher peak rate
+    "x0.25": {"n_embd": 32, "n_head": 2, "n_inner": 512, "steps": 20000, "lr": 6e-3},
+    "x0.5": {"n_embd": 64, "n_head": 2, "n_inner": 1024},
+    "x1": {"n_embd": 128, "n_head": 4, "n_inner": 2048},
+    "x2": {"n_embd": 256, "n_head": 8, "n_inner": 4096},
+}
+
+
+def sized(cfg: "BuildConfig", size: str) -> "BuildConfig":
+    """``cfg`` with the width of family member ``size`` and no stage 2; a ValueError names the sizes."""
+    if size not in SIZES:
+        raise ValueError(f"--size {size!r}: the family has sizes {', '.join(SIZES)}")
+    import dataclasses
+
+    return dataclasses.replace(cfg, icl_steps=0, **SIZES[size], extra={**cfg.extra, "size": size})
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere autocast emulates it."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags for f in ("avx512_bf16", "amx_bf16"))
 
 
 # -- tokenizer -----------------------------------------------------------------------------------
@@ -238,7 +273,8 @@ def _progress(enabled: bool):
 
 # -- the whole build -----------------------------------------------------------------------------
 def build(out_dir: str | Path, seed: int = 0, steps: int | None = None, config: BuildConfig | None = None,
-          progress: bool = True, evaluate: bool = True, eval_every: int = 0, from_stage1: str | Path | None = None) -> dict:
+          progress: bool = True, evaluate: bool = True, eval_every: int = 0, from_stage1: str | Path | None = None,
+          tasks: bool = True) -> dict:
     """Generate the world, write its task files, train tokenizer + model, save all under
     ``out_dir`` (``model/``, ``tasks/``, ``build_info.json``); returns the build info."""
     import torch
@@ -250,10 +286,15 @@ def build(out_dir: str | Path, seed: int = 0, steps: int | None = None, config: 
     if steps is not None:
         cfg.steps = steps
     torch.set_num_threads(cfg.threads)
+    if cfg.bf16_autocast is None:
+        cfg.bf16_autocast = native_bf16()
+        log_bf16 = "native bfloat16: autocast on" if cfg.bf16_autocast else "no native bfloat16 on this CPU: float32"
+        print(f"world build: {log_bf16}", file=sys.stderr)
     t0 = time.time()
     out = Path(out_dir)
     world = generate(seed)
-    write_tasks(world, out / "tasks")
+    if tasks:  # a family member shares the shipped task files (same world), so it writes none
+        write_tasks(world, out / "tasks")
     if from_stage1 is None:
         tok = train_tokenizer(render_corpus(world, seed, epochs=cfg.tokenizer_epochs), cfg.vocab_size)
         callback = _monitor(world, tok, seed) if eval_every else None
