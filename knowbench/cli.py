@@ -47,6 +47,9 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
                    "evaluate a fixed probe subset every K edits (the lifelong curve; default T/20, 0 = off)")
     p.add_argument("--curve-probes", type=int, default=50, metavar="N", help="records in the curve's probe "
                    "subset (the first N edits; default 50)")
+    p.add_argument("--stop-below", type=float, default=None, metavar="PCT", help="sequential protocol: stop "
+                   "at the first curve point whose probe Edit Succ. is below PCT %% (the collapse point); the "
+                   "edits made so far are scored and the result records protocol.stopped_at")
     p.add_argument("--seed", type=int, default=0, help="seed for data selection, sampling and editor "
                    "randomness (default 0)")
     p.add_argument("--output", default=None, help="result JSON path (default: results/<editor>_<task>_"
@@ -113,7 +116,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         eval_batch_size=args.eval_batch_size, fluency=not args.no_fluency, curve_every=_curve_every(args),
         curve_probes=args.curve_probes, log_records=args.log_records, diagnostics=not args.no_diagnostics,
         train_data=args.train_data, metrics=args.metrics, metric_fixes=list(args.metric_fix),
-        checkpoint_every=args.checkpoint_every, checkpoint=args.checkpoint,
+        checkpoint_every=args.checkpoint_every, checkpoint=args.checkpoint, stop_below=args.stop_below,
     )
     from .study import run_options
 

@@ -591,6 +591,11 @@ def submit(files: Iterable[str | Path], root: str | Path, replace: bool = False,
     problems = []
     for f, result in zip(files, results):
         assert result is not None
+        proto = result["protocol"] if isinstance(result, dict) else result.protocol.model_dump()
+        if proto.get("stopped_at") is not None:
+            problems.append(f"{f}: a run stopped by --stop-below after {proto['stopped_at']} of "
+                            f"{proto['sequential']} edits is a collapse measurement, not a leaderboard entry")
+            continue
         key = result_key(result)
         if key in seen:
             problems.append(f"{f}: same run key as {seen[key]} ({key}); submit one of them")

@@ -57,6 +57,54 @@ def _pick_layers(layers: list[dict[str, Any]], k: int = 4) -> list[dict[str, Any
 
 
 # -- the study ------------------------------------------------------------------------------------
+def scaling_figure(result: dict[str, Any], path: Path) -> Path:
+    """The study's scaling law over a model family: kurtosis of p per layer against parameter count
+    (left) and, where measured, each editor's lifelong collapse point against parameter count (right;
+    an open marker at T is a model that survived all T edits)."""
+    plt = require_matplotlib()
+    models = sorted(result["models"], key=lambda m: m["model"]["n_params"] or 0)
+    params = [m["model"]["n_params"] for m in models]
+    with_collapse = any(m.get("collapse") for m in models)
+    fig, axes = plt.subplots(1, 2 if with_collapse else 1, figsize=(11 if with_collapse else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    layers = sorted({L["layer"] for m in models for L in m["layers"]})
+    for layer in layers:
+        ks = [next((L["kurtosis"] for L in m["layers"] if L["layer"] == layer), None) for m in models]
+        ax.plot(params, [math.nan if k is None else k for k in ks], marker="o", label=f"layer {layer}")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("excess kurtosis of off-diagonal p")
+    ax.set_title("superposition vs size (higher κ = weaker)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    if with_collapse:
+        ax = axes[0][1]
+        editors = sorted({c["editor"] for m in models for c in m.get("collapse", [])})
+        for e in editors:
+            xs, ys, open_x, open_y = [], [], [], []
+            for p, m in zip(params, models):
+                c = next((c for c in m.get("collapse", []) if c["editor"] == e), None)
+                if c is None:
+                    continue
+                xs.append(p)
+                ys.append(c["max_edits"] if c["survived"] else c["collapse_at"])
+                if c["survived"]:
+                    open_x.append(p)
+                    open_y.append(c["max_edits"])
+            line, = ax.plot(xs, ys, marker="o", label=e)
+            if open_x:
+                ax.plot(open_x, open_y, ls="none", marker="o", mfc="white", mec=line.get_color(), ms=9)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("parameters")
+        ax.set_ylabel(f"edits until probe Edit Succ. < {models[0]['collapse'][0]['below']:g} %")
+        ax.set_title("lifelong collapse point vs size")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def study_figures(result: dict[str, Any], out_dir: Path) -> list[Path]:
     plt = require_matplotlib()
     import numpy as np
@@ -91,6 +139,8 @@ def study_figures(result: dict[str, Any], out_dir: Path) -> list[Path]:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Superposition kurtosis per layer ({n} facts; higher = weaker superposition)")
     out.append(_save(fig, out_dir / "kurtosis_by_layer.png"))
+    if len(models) > 1:
+        out.append(scaling_figure(result, out_dir / "scaling.png"))
 
     for m in models:
         slug = _slug(m["model"]["id"])

@@ -44,7 +44,7 @@ def preflight(cfg: RunConfig) -> Preflight:
     try:
         protocol = protocols.from_options(
             sequential=cfg.sequential, batch_size=cfg.batch_size, eval_timing=cfg.eval_timing,
-            curve_every=cfg.curve_every, curve_probes=cfg.curve_probes,
+            curve_every=cfg.curve_every, curve_probes=cfg.curve_probes, stop_below=cfg.stop_below,
         )
     except ValueError as exc:
         raise RunError(str(exc)) from None

@@ -32,6 +32,7 @@ class RunConfig:
     metric_fixes: list[str] = field(default_factory=list)  # fixes added to the preset (--metric-fix)
     checkpoint_every: int | None = None  # write a checkpoint every K edits (and on SIGINT / SIGTERM)
     checkpoint: str | None = None  # where (default: the output's path with .ckpt)
+    stop_below: float | None = None  # stop a sequential run once the curve's probe Edit Succ. (%) falls below this
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -230,6 +230,8 @@ def run_all(cfg: RunConfig, resume: str | None = None) -> list[dict[str, Any]]:
             t_start -= start["elapsed_s"]
     PROGRESS.stage = "editing"
     loop = _edit(cfg, protocol, editor, evaluator, records, ref, observer, ckpt, start)
+    if loop.stopped_at is not None:  # --stop-below: the result covers the edits made before the stop
+        records, pre_scores = records[: loop.applied], pre_scores[: loop.applied]
     if loop.failed:
         records, pre_scores = drop_failed(loop.failed, records, pre_scores, report, selection, protocol,
                                            editor_info.name, n_asked)
@@ -288,7 +290,8 @@ def run_all(cfg: RunConfig, resume: str | None = None) -> list[dict[str, Any]]:
                 "selection": selection,
                 "metric_family": family.spec.model_dump(),
             },
-            "protocol": proto.info(len(records), cfg.seed, cfg.fluency, len(loop.probes), metrics.info()),
+            "protocol": proto.info(len(records), cfg.seed, cfg.fluency, len(loop.probes), metrics.info(),
+                                   **({"stopped_at": len(records)} if loop.stopped_at is not None else {})),
             "metrics": {"pre": summarise(pre_scores, family.spec), "post": summarise(post, family.spec)},
             "curve": loop.curve,
             "edits": loop.edits,
@@ -308,6 +311,8 @@ def run_all(cfg: RunConfig, resume: str | None = None) -> list[dict[str, Any]]:
         }
         if result["diagnostics"] is None:
             del result["diagnostics"]
+        elif "editor" not in result["diagnostics"] and (own := editor.report()):
+            result["diagnostics"]["editor"] = own  # a weight editor's own diagnostics (e.g. its layer choices)
         result["records"] = [{"index": r.index, "pre": p.values, "post": q.values}
                              for r, p, q in zip(records, pre_scores, post)]
         ResultBody.model_validate(result)  # the one result model (sealed later): a runner that drifts from it fails here
@@ -416,6 +421,8 @@ class _Loop:
     post_final: dict[int, RecordScores] = field(default_factory=dict)  # --eval-timing both: the final model's
     eval_final_s: float = 0.0
     failed: dict[int, str] = field(default_factory=dict)  # record index -> why the editor refused it
+    stopped_at: int | None = None  # --stop-below: edits made when the probe curve fell below it
+    applied: int = 0  # records the stream went through (all of them unless it stopped)
 
 
 def _edit(cfg: RunConfig, protocol: Any, editor: Editor, evaluator: Evaluator, records: list[EditRecord],
@@ -448,6 +455,7 @@ def _edit(cfg: RunConfig, protocol: Any, editor: Editor, evaluator: Evaluator, r
             if outcome is None:  # the editor refused every record of this apply
                 advance(len(given))
                 position += 1
+                loop.applied = sum(len(c) for c in chunks[:position])
                 continue
             loop.edit_s += dt
             if observer is not None:
@@ -472,19 +480,26 @@ def _edit(cfg: RunConfig, protocol: Any, editor: Editor, evaluator: Evaluator, r
                 loop.curve.append(_curve_point(evaluator, loop.probes, edited, ref, editor, done))
                 while next_curve <= done:
                     next_curve += protocol.curve_every
+                if _collapsed(protocol, loop.curve[-1]) and position + 1 < len(chunks):
+                    loop.stopped_at = done
+                    log.warning("probe Edit Succ. %.1f %% < %g %% after %d edits: stopping the stream (--stop-below)",
+                                loop.curve[-1]["edit_succ"], protocol.stop_below, done)
             PROGRESS.edits_done = done
             advance(len(given))
             position += 1
+            loop.applied = sum(len(c) for c in chunks[:position])
             if ckpt is not None and (ckpt.due(done) or stopping.signum or position == len(chunks)):
                 ckpt.write(evaluator.model, editor, observer, loop, position, done, edited, next_curve)
             if stopping.signum:
                 raise RunInterrupted(stopping.signum)
+            if loop.stopped_at is not None:
+                break
         if loop.probes and loop.curve[-1]["edits"] != done:
             loop.curve.append(_curve_point(evaluator, loop.probes, edited, ref, editor, done))
     if protocol.score_at_end:
         PROGRESS.stage = "evaluating the edits"
         t0 = time.perf_counter()
-        edited_records = [r for r in records if r.index not in loop.failed]
+        edited_records = [r for r in records[: loop.applied] if r.index not in loop.failed]
         log.info("evaluating all %d edits on the final model", len(edited_records))
         into = loop.post_final if protocol.score_after_apply else loop.post
         for s in evaluator.evaluate(edited_records, ref, editor.rewrite_prompts):
@@ -494,6 +509,13 @@ def _edit(cfg: RunConfig, protocol: Any, editor: Editor, evaluator: Evaluator, r
         else:
             loop.eval_s += time.perf_counter() - t0
     return loop
+
+
+def _collapsed(protocol: Any, point: dict[str, Any]) -> bool:
+    """Whether a curve point is below the protocol's --stop-below (probe Edit Succ., %)."""
+    below = getattr(protocol, "stop_below", None)
+    value = point.get("edit_succ")
+    return below is not None and value is not None and value < below
 
 
 class _StopAfterApply:

@@ -215,11 +215,16 @@ class ProtocolInfo(_Strict):
     curve_probes: Count
     fluency: bool
     metrics: MetricsInfo
+    # --stop-below: the probe Edit Succ. (%) under which the stream stops, and after how many edits it
+    # did (null: it ran all T); a stopped run records the n_edits it made, fewer than sequential
+    stop_below: float | None = None
+    stopped_at: Positive | None = None
 
     def key(self) -> str:
         """``single``, ``batch<B>`` or ``sequential<T>-<each|final>[-b<B>]``, followed by
-        ``+<metric protocol>`` unless that is ``knowedit``."""
-        return _key(self.name, self.n_edits, self.eval_timing, self.batch_size, self.metrics)
+        ``+<metric protocol>`` unless that is ``knowedit``; a stopped run's ends in ``-stopped``."""
+        return _key(self.name, self.n_edits, self.eval_timing, self.batch_size, self.metrics) + (
+            "-stopped" if self.stopped_at else "")
 
     def label(self) -> str:
         """The leaderboard's heading, e.g. ``sequential T=100 (each edit right after it)``."""

@@ -13,6 +13,14 @@ arccos(cos(k_i, k_j)). Expected: zero-mean, heavy-tailed, high-kurtosis p; white
 90°; kurtosis rising with model size within a family and higher in early layers. Several models
 give the kurtosis-vs-layer figure of the scaling law.
 
+Over a model family (several ``--model``, e.g. the embedded world's ``embedded-x0.25`` …
+``embedded-x1``) the analysis gives the study's scaling law: kurtosis per layer against parameter
+count. ``--collapse EDITOR`` adds, per model, the lifelong collapse point of that editor: a
+sequential run (``knowbench run --sequential T --curve-every K --stop-below 50``) that stops at the
+first curve point where the probe edits' Edit Succ. is below 50 %; the number of edits made then
+is the collapse point (none: it survived T edits). Its result file is kept under ``collapse/`` and
+reused when the study is run again with the same options.
+
 Fact sources (:func:`read_facts`): the study's CounterFact format (``requested_rewrite`` with a
 ``{}`` prompt template, e.g. ``intersected_counterfact_known.json``, first m records in file order),
 KnowEdit-style records (``subject`` + ``prompt``, WikiBio's ``concept`` + ``text``), plain
@@ -314,6 +322,51 @@ class StudyConfig:
     dedupe: bool = False  # take the next fact instead of one whose key repeats an earlier one
     device: str = "cpu"
     dtype: str = "float32"
+    # the lifelong collapse point per model (--collapse EDITOR ...): a stopped sequential run each
+    collapse: list[str] = field(default_factory=list)
+    collapse_task: str = "zsre"  # the lifelong literature's task
+    collapse_max: int = 1000  # T: edits at most
+    collapse_every: int = 10  # K: a curve point every K edits (the collapse point's resolution)
+    collapse_probes: int = 20  # the first N edits are the probe edits the curve re-scores
+    collapse_below: float = 50.0  # collapse: probe Edit Succ. (%) below this
+    seed: int = 0
+
+
+def collapse_point(model: str, editor: str, cfg: StudyConfig, out_dir: Path) -> dict[str, Any]:
+    """Edits until ``editor``'s probe Edit Succ. on ``model`` falls below ``cfg.collapse_below``
+    (the first curve point under it; None: it survived ``cfg.collapse_max`` edits), from a sequential
+    run stopped there. The run's sealed result is ``out_dir/collapse/EDITOR_MODEL.json``; an existing
+    one with the same options is read instead of run again."""
+    from .runner import RunConfig, run_all, write_results
+
+    path = out_dir / "collapse" / f"{editor}_{_slug(model)}.json"
+    rc = RunConfig(editor=editor, task=cfg.collapse_task, model=model, sequential=cfg.collapse_max,
+                   eval_timing="final", curve_every=cfg.collapse_every, curve_probes=cfg.collapse_probes,
+                   stop_below=cfg.collapse_below, fluency=False, diagnostics=False, seed=cfg.seed,
+                   device=cfg.device, dtype=cfg.dtype, output=str(path))
+    result = None
+    if path.is_file():
+        old = json.loads(path.read_text())
+        same = {k: old.get("config", {}).get(k) for k in ("editor", "task", "model", "sequential", "curve_every",
+                                                           "curve_probes", "stop_below", "seed", "dtype")}
+        if same == {k: getattr(rc, k) for k in same}:
+            log.info("collapse: %s on %s read from %s", editor, model, path)
+            result = old
+    if result is None:
+        log.info("collapse: %s on %s, up to %d edits (probe Edit Succ. < %g %% stops it)", editor, model,
+                 cfg.collapse_max, cfg.collapse_below)
+        ((_, result),) = write_results(run_all(rc), str(path))
+    stopped = result["protocol"].get("stopped_at")
+    return {
+        "editor": result["editor"]["name"], "collapse_at": stopped, "survived": stopped is None,
+        "max_edits": cfg.collapse_max, "below": cfg.collapse_below,
+        "curve": [[c["edits"], c.get("edit_succ"), c.get("locality")] for c in result["curve"]],
+        "edit_ms_per_edit": result["timings"]["edit_ms_per_edit"], "result": str(path),
+    }
+
+
+def _slug(name: str) -> str:
+    return Path(name).name.replace("/", "_") or "model"
 
 
 def moments_for(model: Any, tok: Any, layers: list[int], model_name: str, lm: Any, cfg: StudyConfig) -> dict[int, Any]:
@@ -387,7 +440,9 @@ def run_study(models: Sequence[str], data: str | None, cfg: StudyConfig, out_dir
         "config": asdict(cfg),
         "models": [],
     }
-    if data is None and any(m != "embedded" for m in models):
+    from .defaults import is_world_model
+
+    if data is None and not all(is_world_model(m) for m in models):
         log.warning("no --data: using the embedded world's invented facts, which a model other than the "
                     "embedded one does not know; pass --data (e.g. the study's CounterFact file)")
     for name in models:
@@ -399,7 +454,7 @@ def run_study(models: Sequence[str], data: str | None, cfg: StudyConfig, out_dir
         layers = parse_layers(cfg.layers, n_layers)
         moms = moments_for(lm.model, lm.tokenizer, layers, name, lm, cfg)
         per_layer, mats, keys_s = analyse_model(lm.model, lm.tokenizer, facts, layers, moms, cfg.batch_size)
-        slug = Path(name).name.replace("/", "_") or "model"
+        slug = _slug(name)
         npz = out_dir / f"p_matrices_{slug}.npz"
         np.savez_compressed(npz, layers=np.array(layers), subjects=np.array([f.subject for f in facts]),
                             **{f"layer_{l}": m for l, m in mats.items()})
@@ -419,6 +474,8 @@ def run_study(models: Sequence[str], data: str | None, cfg: StudyConfig, out_dir
                         "forward_passes": len(facts)},
         })
         del lm
+        if cfg.collapse:
+            result["models"][-1]["collapse"] = [collapse_point(name, e, cfg, out_dir) for e in cfg.collapse]
     json_path = out_dir / "superposition.json"
     from .results import write_json_atomic
 
@@ -466,6 +523,17 @@ def add_superposition(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default="float32", help="model dtype (default float32)")
     p.add_argument("--no-plots", action="store_true", help="write JSON and .npz only")
+    p.add_argument("--collapse", action="append", default=[], metavar="EDITOR", help="per model, the lifelong "
+                   "collapse point of EDITOR (repeatable): edits until the probe edits' Edit Succ. falls below "
+                   "--collapse-below, from a sequential run that stops there (results under OUT/collapse/)")
+    p.add_argument("--collapse-task", default="zsre", help="task of the collapse runs (default zsre)")
+    p.add_argument("--collapse-max", type=int, default=1000, metavar="T", help="edits at most (default 1000)")
+    p.add_argument("--collapse-every", type=int, default=10, metavar="K", help="a curve point every K edits: "
+                   "the collapse point's resolution (default 10)")
+    p.add_argument("--collapse-probes", type=int, default=20, metavar="N", help="probe edits: the first N, "
+                   "re-scored at every curve point (default 20)")
+    p.add_argument("--collapse-below", type=float, default=50.0, metavar="PCT", help="collapsed: probe Edit Succ. "
+                   "below PCT %% (default 50)")
     p.set_defaults(func=cmd_superposition)
 
 
@@ -478,7 +546,18 @@ def cmd_superposition(args: argparse.Namespace) -> int:
         require_matplotlib()  # fail before the long part, not after it
     cfg = StudyConfig(n=args.n, layers=args.layers, batch_size=args.batch_size, stats_source=args.stats_source,
                       stats_corpus=args.stats_corpus, stats_samples=args.stats_samples, device=args.device,
-                      dtype=args.dtype, ridge=args.ridge, dedupe=args.dedupe_keys)
+                      dtype=args.dtype, ridge=args.ridge, dedupe=args.dedupe_keys, collapse=list(args.collapse),
+                      collapse_task=args.collapse_task, collapse_max=args.collapse_max,
+                      collapse_every=args.collapse_every, collapse_probes=args.collapse_probes,
+                      collapse_below=args.collapse_below)
+    if args.collapse:
+        from .protocols import from_options
+        from .registry import load_editor
+
+        from_options(sequential=cfg.collapse_max, batch_size=None, eval_timing="final",  # bad numbers fail now
+                     curve_every=cfg.collapse_every, curve_probes=cfg.collapse_probes, stop_below=cfg.collapse_below)
+        for name in args.collapse:
+            load_editor(name)  # an unknown editor fails before the long part
     result = run_study(args.model, args.data, cfg, Path(args.out), plots=not args.no_plots)
     from rich.console import Console
 
@@ -496,6 +575,9 @@ def _short(text: str, n: int = 14) -> str:
 def print_study(result: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
+    if len(result["models"]) > 1 or any(m.get("collapse") for m in result["models"]):
+        console.print(scaling_table(result, "rich"))
+
     for m in result["models"]:
         t = Table(title=f"Superposition of {result['data']['n_used']} facts · {m['model']['id']}", title_justify="left")
         for col in ("layer", "κ", "mean p", "max|p|", "∠ white", "∠ raw"):
@@ -510,6 +592,35 @@ def print_study(result: dict[str, Any], console: Any) -> None:
                 f"{_short(tp['subject_i'])} ~ {_short(tp['subject_j'])} ({tp['p']:.2f})" if tp else "",
             )
         console.print(t)
+
+
+def scaling_table(result: dict[str, Any], fmt: str = "github") -> Any:
+    """One row per model by parameter count: kurtosis per layer and each editor's collapse point
+    (``>T`` where it survived T edits). ``fmt``: a tabulate format, or "rich" for a rich Table."""
+    models = sorted(result["models"], key=lambda m: m["model"]["n_params"] or 0)
+    layers = sorted({L["layer"] for m in models for L in m["layers"]})
+    editors = [c["editor"] for c in models[0].get("collapse", [])] if models else []
+    head = ["model", "parameters", *[f"κ layer {l}" for l in layers], *[f"{e} collapse" for e in editors]]
+    rows = []
+    for m in models:
+        kappa = {L["layer"]: L["kurtosis"] for L in m["layers"]}
+        col = {c["editor"]: c for c in m.get("collapse", [])}
+        rows.append([m["model"]["id"], f"{m['model']['n_params']:,}",
+                     *[f"{kappa[l]:.1f}" if kappa.get(l) is not None else "–" for l in layers],
+                     *[(str(col[e]["collapse_at"]) if not col[e]["survived"] else f">{col[e]['max_edits']}")
+                       if e in col else "–" for e in editors]])
+    if fmt != "rich":
+        from tabulate import tabulate
+
+        return tabulate(rows, head, tablefmt=fmt, colalign=("left",) + ("right",) * (len(head) - 1))
+    from rich.table import Table
+
+    t = Table(title="Scaling: kurtosis per layer and lifelong collapse point by model size", title_justify="left")
+    for i, h in enumerate(head):
+        t.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
+    for r in rows:
+        t.add_row(*r)
+    return t
 
 
 # -- `knowbench run` options of the per-edit diagnostics (here so building the parser stays light) --

@@ -250,7 +250,10 @@ def _check_semantics(c: _Checker, p: dict[str, Any]) -> None:
         _check_task(c, t)
     if pr is not None:
         _check_protocol(c, pr)
-    if t is not None and pr is not None and t.selection.n_selected != pr.n_edits:
+    stopped = pr is not None and getattr(pr, "stopped_at", None) is not None  # --stop-below: a prefix of the selection
+    if stopped and t is not None and t.selection.n_selected < pr.n_edits:
+        c.error("protocol.n_edits", f"{pr.n_edits} edits but only {t.selection.n_selected} records were selected")
+    if not stopped and t is not None and pr is not None and t.selection.n_selected != pr.n_edits:
         c.error("protocol.n_edits", f"{pr.n_edits} edits but task.selection.n_selected is {t.selection.n_selected}")
     if metrics is not None:
         _check_metrics(c, metrics, t, pr)
@@ -282,9 +285,18 @@ def _check_task(c: _Checker, t: Any) -> None:
 
 def _check_protocol(c: _Checker, p: Any) -> None:
     if p.name == "sequential":
+        if p.stopped_at is not None:
+            if p.stop_below is None:
+                c.error("protocol.stopped_at", f"{p.stopped_at}: set without protocol.stop_below")
+            if not p.stopped_at == p.n_edits < p.sequential:
+                c.error("protocol.stopped_at", f"{p.stopped_at}: a stopped run records n_edits = stopped_at "
+                        f"< sequential (n_edits {p.n_edits}, sequential {p.sequential})")
+            return
         if p.sequential != p.n_edits:
             c.error("protocol.sequential", f"{p.sequential!r}: a sequential run records T = n_edits ({p.n_edits})")
         return
+    if p.stop_below is not None or p.stopped_at is not None:
+        c.error("protocol.stop_below", f"set on a {p.name} run (only sequential runs stop early)")
     if p.sequential is not None:
         c.error("protocol.sequential", f"{p.sequential!r}: set on a {p.name} run (must be null)")
     if p.eval_timing != "each":

@@ -381,6 +381,8 @@ ALLOWED = {
                                     "rledit", "nse", "prune", "rect", "melo"},
     # the lifelong literature's task (WISE, AlphaEdit, UltraEdit report ZsRE): the table's default
     "knowbench/lifelong_table.py": {"zsre"},
+    # ... and of the superposition study's collapse runs (`knowbench superposition --collapse-task`)
+    "knowbench/study.py": {"zsre"},
 }
 
 
