@@ -174,7 +174,7 @@ def test_shipped_hparams_files_are_accepted_as_they_are():
     files = sorted((f for f in hparams_dir().iterdir() if f.name.endswith(".yaml")), key=lambda f: f.name)
     assert len(files) >= 10
     for f in files:
-        editor = next(e for e in ("alphaedit", "ft-l", "ft-m", "memit", "rome", "ike", "ice", "lora", "adalora", "serac", "mend", "grace", "wise", "ultraedit") if f.name.startswith(e + "-"))
+        editor = next(e for e in ("alphaedit", "ft-l", "ft-m", "memit", "rome", "ike", "ice", "lora", "adalora", "serac", "mend", "grace", "wise", "ultraedit", "least-overlap") if f.name.startswith(e + "-"))
         pf = preflight(cfg(editor=editor, hparams=str(f)))
         assert pf.hparams == yaml.safe_load(f.read_text())["hparams"] == load_hparams_file(f)
 
