@@ -84,7 +84,7 @@ def scaling_figure(result: dict[str, Any], path: Path) -> Path:
             xs, ys, open_x, open_y = [], [], [], []
             for p, m in zip(params, models):
                 c = next((c for c in m.get("collapse", []) if c["editor"] == e), None)
-                if c is None:
+                if c is None or c.get("error"):
                     continue
                 xs.append(p)
                 ys.append(c["max_edits"] if c["survived"] else c["collapse_at"])

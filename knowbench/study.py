@@ -365,6 +365,17 @@ def collapse_point(model: str, editor: str, cfg: StudyConfig, out_dir: Path) -> 
     }
 
 
+def _collapse_or_error(model: str, editor: str, cfg: StudyConfig, out_dir: Path) -> dict[str, Any]:
+    """:func:`collapse_point`, or the reason it could not be measured (an editor that refuses the
+    model, e.g. an empty null space): recorded, and the study goes on with the next one."""
+    try:
+        return collapse_point(model, editor, cfg, out_dir)
+    except (ValueError, RuntimeError, FloatingPointError) as exc:
+        log.error("collapse: %s on %s could not run: %s", editor, model, exc)
+        return {"editor": editor, "collapse_at": None, "survived": False, "max_edits": cfg.collapse_max,
+                "below": cfg.collapse_below, "error": f"{type(exc).__name__}: {exc}"}
+
+
 def _slug(name: str) -> str:
     return Path(name).name.replace("/", "_") or "model"
 
@@ -475,7 +486,7 @@ def run_study(models: Sequence[str], data: str | None, cfg: StudyConfig, out_dir
         })
         del lm
         if cfg.collapse:
-            result["models"][-1]["collapse"] = [collapse_point(name, e, cfg, out_dir) for e in cfg.collapse]
+            result["models"][-1]["collapse"] = [_collapse_or_error(name, e, cfg, out_dir) for e in cfg.collapse]
     json_path = out_dir / "superposition.json"
     from .results import write_json_atomic
 
@@ -594,6 +605,12 @@ def print_study(result: dict[str, Any], console: Any) -> None:
         console.print(t)
 
 
+def _collapse_cell(c: dict[str, Any]) -> str:
+    if c.get("error"):
+        return "error"
+    return f">{c['max_edits']}" if c["survived"] else str(c["collapse_at"])
+
+
 def scaling_table(result: dict[str, Any], fmt: str = "github") -> Any:
     """One row per model by parameter count: kurtosis per layer and each editor's collapse point
     (``>T`` where it survived T edits). ``fmt``: a tabulate format, or "rich" for a rich Table."""
@@ -607,8 +624,7 @@ def scaling_table(result: dict[str, Any], fmt: str = "github") -> Any:
         col = {c["editor"]: c for c in m.get("collapse", [])}
         rows.append([m["model"]["id"], f"{m['model']['n_params']:,}",
                      *[f"{kappa[l]:.1f}" if kappa.get(l) is not None else "–" for l in layers],
-                     *[(str(col[e]["collapse_at"]) if not col[e]["survived"] else f">{col[e]['max_edits']}")
-                       if e in col else "–" for e in editors]])
+                     *[_collapse_cell(col[e]) if e in col else "–" for e in editors]])
     if fmt != "rich":
         from tabulate import tabulate
 

@@ -131,3 +131,17 @@ def test_a_stopped_run_is_not_a_leaderboard_entry(tmp_path, monkeypatch):
     with pytest.raises(LeaderboardError, match="stopped by --stop-below after 8 of 12 edits"):
         submit([path], tmp_path / "board")
     assert not (tmp_path / "board" / "results").exists()
+
+
+def test_a_collapse_run_that_cannot_run_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
+    from knowbench import study
+
+    def refuse(model, editor, cfg, out_dir):
+        raise ValueError("alphaedit: no eigenvalue of C at layer 0 is below nullspace_threshold=0.1")
+
+    monkeypatch.setattr(study, "collapse_point", refuse)
+    got = study._collapse_or_error("random-gpt2", "alphaedit", study.StudyConfig(collapse=["alphaedit"]), tmp_path)
+    assert got["error"].startswith("ValueError: alphaedit: no eigenvalue") and got["collapse_at"] is None
+    table = study.scaling_table({"models": [{"model": {"id": "m", "n_params": 10}, "layers": [],
+                                             "collapse": [got]}]})
+    assert "error" in table.splitlines()[-1]
