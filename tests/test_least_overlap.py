@@ -165,3 +165,25 @@ def test_kept_basis_is_orthonormal_and_skips_dependent_vectors():
     assert float((q.T @ r).abs().max()) < 1e-12
     coef = torch.linalg.lstsq(x.T, y[:, None]).solution
     assert torch.allclose(r, y - (x.T @ coef)[:, 0], atol=1e-10)  # = the least-squares residual
+
+
+def test_a_run_reports_its_choices_in_the_result(tmp_path, monkeypatch):
+    """Through the runner: every edit's record names its layer and overlaps, and diagnostics.editor
+    sums them up (chosen against declined)."""
+    from knowbench.runner import RunConfig, run_all
+
+    from kb_locate import toy_corpus
+
+    monkeypatch.setenv("KNOWBENCH_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(toy_corpus(80)))
+    hp = tmp_path / "hp.yaml"
+    hp.write_text("layers: [0, 1]\nv_num_grad_steps: 3\nmom2_n_samples: 80\n")
+    (res,) = run_all(RunConfig(editor="least-overlap", task="zsre", model="random-gpt2", sequential=3,
+                               fluency=False, curve_every=0, hparams=str(hp), output=str(tmp_path / "r.json"),
+                               extra={"stats": {"corpus": str(corpus), "samples": 80}}))
+    per_edit = [e["edits"][0] for e in res["edits"]]
+    assert len(per_edit) == 3 and all(e["layer"] in (0, 1) and set(e["declined"]) <= {"0", "1"} for e in per_edit)
+    rep = res["diagnostics"]["editor"]
+    assert rep["edits"] == 3 and sum(rep["layer_counts"].values()) == 3
+    assert rep["overlap_chosen_mean"] == pytest.approx(sum(e["overlap"] for e in per_edit) / 3, abs=1e-5)
