@@ -455,7 +455,6 @@ def _edit(cfg: RunConfig, protocol: Any, editor: Editor, evaluator: Evaluator, r
             if outcome is None:  # the editor refused every record of this apply
                 advance(len(given))
                 position += 1
-                loop.applied = sum(len(c) for c in chunks[:position])
                 continue
             loop.edit_s += dt
             if observer is not None:
@@ -487,13 +486,13 @@ def _edit(cfg: RunConfig, protocol: Any, editor: Editor, evaluator: Evaluator, r
             PROGRESS.edits_done = done
             advance(len(given))
             position += 1
-            loop.applied = sum(len(c) for c in chunks[:position])
             if ckpt is not None and (ckpt.due(done) or stopping.signum or position == len(chunks)):
                 ckpt.write(evaluator.model, editor, observer, loop, position, done, edited, next_curve)
             if stopping.signum:
                 raise RunInterrupted(stopping.signum)
             if loop.stopped_at is not None:
                 break
+        loop.applied = sum(len(c) for c in chunks[:position])
         if loop.probes and loop.curve[-1]["edits"] != done:
             loop.curve.append(_curve_point(evaluator, loop.probes, edited, ref, editor, done))
     if protocol.score_at_end:
